@@ -1,0 +1,448 @@
+"""Dense losses and probability maps, with the conventions of ``torch.nn.functional``.
+
+Every loss takes ``(input, target, weight=None, ignore_index=-100, reduction='mean',
+label_smoothing=0.0)`` like :func:`torch.nn.functional.cross_entropy`, with input of shape
+``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)`` and target of class indices (or, for the members
+that define probabilities, class probabilities of the input's shape).
+
+The spherical members run on one engine: ``(s, q, o_c)`` are read from the logits in one pass,
+the member gives the per-example loss and ``(α, β, γ)`` in closed form, and the backward is
+``∂L/∂o = α·1 + 2β·o + γ·e_c``, a single pass that writes the gradient (no ``exp``, no saved
+``(N, C)`` activations).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import family
+from .family import LogSoftmax, Member, SphericalMember
+
+__all__ = [
+    "log_spherical_softmax",
+    "log_taylor_softmax",
+    "softmax_upper_bound_loss",
+    "spherical_cross_entropy",
+    "spherical_loss",
+    "spherical_mse_loss",
+    "spherical_softmax",
+    "taylor_cross_entropy",
+    "taylor_softmax",
+    "z_loss",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _SphericalLossFunction(torch.autograd.Function):
+    """Per-example loss of a spherical member on (N, C) logits, closed-form backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
+    ) -> Tensor:
+        o = input.to(compute_dtype(input.dtype))
+        s, q, oc = family.statistics(o, target)
+        loss, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
+        # A non-finite output makes s non-finite: the loss and gradient are NaN, as for
+        # F.cross_entropy, rather than whatever the member's formula turns an inf into.
+        nonfinite = ~torch.isfinite(s)
+        if bool(nonfinite.any()):
+            loss, alpha, beta, gamma = (
+                t.masked_fill(nonfinite, float("nan")) for t in (loss, alpha, beta, gamma)
+            )
+        invalid = ~valid
+        loss = loss.masked_fill(invalid, 0.0)
+        ctx.save_for_backward(
+            input,
+            target,
+            alpha.masked_fill(invalid, 0.0),
+            (2.0 * beta).masked_fill(invalid, 0.0),
+            gamma.masked_fill(invalid, 0.0),
+        )
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, target, alpha, beta2, gamma = ctx.saved_tensors
+        o = input.to(compute_dtype(input.dtype))
+        # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
+        # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
+        grad = torch.mul(o, (beta2 * grad_loss).unsqueeze(-1))
+        grad.add_((alpha * grad_loss).unsqueeze(-1))
+        grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * grad_loss).unsqueeze(-1))
+        return grad.to(input.dtype), None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_options(reduction: str, label_smoothing: float) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
+def _check_weight(weight: Tensor | None, num_classes: int) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {weight!r}")
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise ValueError(
+            f"weight must be a 1-D tensor of {num_classes} elements (one per class), "
+            f"got shape {tuple(weight.shape)}"
+        )
+
+
+def _class_index_shape(input: Tensor) -> tuple[int, ...]:
+    return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+
+
+def _check_input(input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise ValueError(f"input must be a tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise ValueError(f"input must be a floating-point tensor of logits, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dK), got a scalar")
+
+
+def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Checks class-index targets; returns the mask of positions not ignored."""
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must hold class indices (an integer tensor), got {target.dtype}")
+    expected = _class_index_shape(input)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"class-index target must have shape {expected} for input of shape "
+            f"{tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"Target {value} is out of bounds for {num_classes} classes "
+            f"(expected 0 <= target < {num_classes}, or ignore_index={ignore_index})"
+        )
+    return valid
+
+
+def _to_rows(t: Tensor, class_dim: bool) -> Tensor:
+    """(N, C, d...) → (N·d..., C) for logits; (N, d...) → (N·d...,) for targets."""
+    if class_dim:
+        if t.dim() == 1:
+            return t.unsqueeze(0)
+        if t.dim() == 2:
+            return t
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+
+
+def spherical_loss(
+    input: Tensor,
+    target: Tensor,
+    member: Member | str,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """The loss of any member of the family, with :func:`~torch.nn.functional.cross_entropy`'s
+    conventions.
+
+    Parameters
+    ----------
+    input : Tensor
+        Logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+    target : Tensor
+        Class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` with values in
+        ``[0, C)`` (or ``ignore_index``); or, for members with probabilities, class
+        probabilities of the input's shape.
+    member : Member or str
+        A member of :mod:`spherical_losses.family` (or a user-defined
+        :class:`~spherical_losses.family.SphericalMember`), or its name.
+    weight : Tensor, optional
+        Per-class weights of shape ``(C)``.
+    ignore_index : int
+        Target value that contributes neither loss nor gradient (class-index targets).
+    reduction : {'none', 'mean', 'sum'}
+        'mean' divides by the summed weights of the targets not ignored.
+    label_smoothing : float
+        In ``[0, 1]``; cross-entropy against ``(1 − ε)·target + ε/C`` (members with
+        probabilities only).
+
+    Returns
+    -------
+    Tensor
+        A scalar, or for ``reduction='none'`` the target's shape (0 at ignored positions).
+        The dtype of ``input`` (half precision is computed in float32).
+    """
+    member = family.get_member(member)
+    _check_input(input)
+    _check_options(reduction, label_smoothing)
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    _check_weight(weight, num_classes)
+    probability_target = isinstance(target, Tensor) and target.is_floating_point()
+    if (probability_target or label_smoothing > 0) and not member.has_probabilities:
+        what = "class-probability targets" if probability_target else "label_smoothing > 0"
+        raise ValueError(
+            f"the {member.name!r} loss defines no class probabilities, so it takes no {what}; "
+            "use class-index targets and label_smoothing=0"
+        )
+    if isinstance(member, LogSoftmax):
+        if not probability_target:
+            _check_class_target(input, target, ignore_index)
+        dtype = compute_dtype(input.dtype)
+        return F.cross_entropy(
+            input.to(dtype),
+            target.to(dtype) if probability_target else target,
+            None if weight is None else weight.to(dtype),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        ).to(input.dtype)
+    if probability_target:
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                f"class-probability target must have the input's shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor, got {type(target).__name__}")
+    valid = _check_class_target(input, target, ignore_index)
+    if getattr(member, "margin", 0.0) and label_smoothing > 0:
+        raise ValueError(
+            "label_smoothing needs the model's probabilities, which a margin changes per "
+            "target; use margin=0"
+        )
+
+    logits = _to_rows(input, class_dim=True)
+    rows_valid = _to_rows(valid, class_dim=False)
+    rows_target = torch.where(rows_valid, _to_rows(target, class_dim=False), 0)
+    if member.spherical:
+        per_example = _SphericalLossFunction.apply(logits, rows_target, rows_valid, member)
+    else:
+        o = logits.to(compute_dtype(logits.dtype))
+        per_example = member.dense_loss(o, rows_target).masked_fill(~rows_valid, 0.0)
+
+    w = rows_valid.to(per_example.dtype)
+    if weight is not None:
+        w = w * weight.to(per_example.dtype)[rows_target]
+    loss = _reduce(per_example * w, w, reduction, target.shape)
+    if label_smoothing > 0:
+        logp = member.log_probs(logits.to(compute_dtype(logits.dtype)), dim=-1)
+        smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
+        smooth = smooth.masked_fill(~rows_valid, 0.0)
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * _reduce(
+            smooth, w, reduction, target.shape
+        )
+    return loss.to(input.dtype)
+
+
+def _reduce(values: Tensor, weights: Tensor, reduction: str, shape: torch.Size) -> Tensor:
+    if reduction == "none":
+        return values.reshape(shape)
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / weights.sum()
+
+
+def _probability_target_loss(
+    input: Tensor,
+    target: Tensor,
+    member: Member,
+    weight: Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor:
+    # As F.cross_entropy with class-probability targets: −Σ_k w_k t_k log p_k per position;
+    # 'mean' divides by the number of positions.
+    if getattr(member, "margin", 0.0):
+        raise ValueError("a margin needs class-index targets (it shifts the target class's output)")
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    dtype = compute_dtype(input.dtype)
+    logp = member.log_probs(input.to(dtype), dim=class_dim)
+    t = target.to(dtype)
+    if label_smoothing > 0:
+        t = t * (1.0 - label_smoothing) + label_smoothing / num_classes
+    prod = logp * t
+    if weight is not None:
+        shape = [1] * input.dim()
+        shape[class_dim] = num_classes
+        prod = prod * weight.to(dtype).reshape(shape)
+    per = -prod.sum(class_dim)
+    if reduction == "none":
+        out = per
+    elif reduction == "sum":
+        out = per.sum()
+    else:
+        out = (
+            per.sum() / (input.numel() // num_classes)
+            if input.numel()
+            else per.sum() * float("nan")
+        )
+    return out.to(input.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the named losses
+
+
+def taylor_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    order: int = 2,
+    margin: float = 0.0,
+) -> Tensor:
+    """Log-Taylor softmax cross-entropy: ``−log p_c`` with ``p_k ∝ Σ_{j≤n} o_k^j / j!``.
+
+    For ``order=2``: ``L = −log(1 + o_c + o_c²/2) + log(D + s + q/2)``. Arguments as
+    :func:`spherical_loss`; ``order`` is an even ``n ≥ 2``, ``margin ≥ 0`` a soft margin on the
+    target (training only; see :class:`spherical_losses.family.Taylor`).
+    """
+    return spherical_loss(
+        input,
+        target,
+        family.Taylor(order, margin),
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+    )
+
+
+def spherical_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    eps: float = 0.01,
+) -> Tensor:
+    """Log-spherical softmax cross-entropy: ``L = −log(o_c² + ε) + log(q + Dε)``.
+
+    Arguments as :func:`spherical_loss`; ``eps > 0``.
+    """
+    return spherical_loss(
+        input, target, family.Spherical(eps), weight, ignore_index, reduction, label_smoothing
+    )
+
+
+def z_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    a: float = 1.0,
+    b: float = 0.0,
+) -> Tensor:
+    """Z-loss (de Brébisson & Vincent 2016): ``softplus(a(b − z))/a`` of the target's z-score.
+
+    ``z = (o_c − μ)/σ`` with ``μ``, ``σ`` the mean and standard deviation of the outputs.
+    Not the ``(log Z)²`` penalty that language-model code also calls "z-loss". Defines no
+    probabilities, so ``label_smoothing`` must be 0. Arguments as :func:`spherical_loss`.
+    """
+    return spherical_loss(
+        input, target, family.ZScore(a, b), weight, ignore_index, reduction, label_smoothing
+    )
+
+
+def softmax_upper_bound_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    xi: float | None = None,
+) -> Tensor:
+    """Spherical upper bound of the softmax cross-entropy (Bouchard 2007, Jaakkola–Jordan).
+
+    ``xi=None`` (default) uses the per-example ξ that minimizes the bound. Always ≥
+    :func:`~torch.nn.functional.cross_entropy`. Arguments as :func:`spherical_loss`.
+    """
+    return spherical_loss(
+        input, target, family.SoftmaxBound(xi), weight, ignore_index, reduction, label_smoothing
+    )
+
+
+def spherical_mse_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Squared error to the one-hot target, ``‖o − e_c‖² = q − 2o_c + 1``, per example.
+
+    Arguments as :func:`spherical_loss`.
+    """
+    return spherical_loss(
+        input, target, family.SquaredError(), weight, ignore_index, reduction, label_smoothing
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# probability maps
+
+
+def log_taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
+    """``log p`` with ``p_k = f_n(o_k) / Σ_i f_n(o_i)``, ``f_n(x) = Σ_{j≤n} x^j / j!``.
+
+    ``order`` is an even ``n ≥ 2`` (odd orders can give negative "probabilities").
+    """
+    return _probability_map(family.Taylor(order), input, dim)
+
+
+def taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
+    """Taylor softmax ``p_k = f_n(o_k) / Σ_i f_n(o_i)``; see :func:`log_taylor_softmax`."""
+    return log_taylor_softmax(input, dim, order).exp()
+
+
+def log_spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
+    """``log p`` with ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``, ``ε > 0``."""
+    return _probability_map(family.Spherical(eps), input, dim)
+
+
+def spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
+    """Spherical softmax ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``; see
+    :func:`log_spherical_softmax`."""
+    return log_spherical_softmax(input, dim, eps).exp()
+
+
+def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:
+    _check_input(input)
+    if not -input.dim() <= dim < input.dim():
+        raise ValueError(
+            f"dim must be in [{-input.dim()}, {input.dim() - 1}] for input of "
+            f"{input.dim()} dimensions, got {dim}"
+        )
+    return member.log_probs(input.to(compute_dtype(input.dtype)), dim=dim).to(input.dtype)

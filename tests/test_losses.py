@@ -1,0 +1,603 @@
+"""The dense losses: exact references, gradients, conventions, numbers and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spherical_losses as sl
+from spherical_losses import family
+
+SPHERICAL = ["taylor", "spherical", "softmax_bound", "z_loss", "mse"]
+ALL = ["log_softmax", *SPHERICAL]
+WITH_PROBS = ["log_softmax", "taylor", "spherical"]
+NO_PROBS = ["softmax_bound", "z_loss", "mse"]
+
+
+# --------------------------------------------------------------------------------------------
+# independent per-example references, written from the paper's formulas, one example at a time
+
+
+def _bound_at(o: list[float], c: int, xi: float) -> float:
+    D = len(o)
+    s, q = sum(o), sum(x * x for x in o)
+    lam = math.tanh(xi / 2) / (4 * xi)
+    return (
+        -((D - 2) ** 2) / (16 * D * lam)
+        - D * xi / 2
+        - D * lam * xi * xi
+        + D * math.log1p(math.exp(xi))
+        + s / D
+        + lam * (q - s * s / D)
+        - o[c]
+    )
+
+
+def _golden_min(f, lo: float, hi: float, iters: int = 200) -> float:
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(iters):
+        x1, x2 = b - g * (b - a), a + g * (b - a)
+        if f(x1) < f(x2):
+            b = x2
+        else:
+            a = x1
+    return f((a + b) / 2)
+
+
+def reference(name: str, o: list[float], c: int, **opt: float) -> float:
+    D = len(o)
+    if name == "log_softmax":
+        m = max(o)
+        return -(o[c] - m - math.log(sum(math.exp(x - m) for x in o)))
+    if name == "taylor":
+        order, margin = int(opt.get("order", 2)), opt.get("margin", 0.0)
+
+        def f(x: float) -> float:
+            return sum(x**j / math.factorial(j) for j in range(order + 1))
+
+        terms = [f(x) for x in o]
+        terms[c] = f(o[c] - margin)
+        return -math.log(terms[c] / sum(terms))
+    if name == "spherical":
+        eps = opt.get("eps", 0.01)
+        return -math.log((o[c] ** 2 + eps) / sum(x * x + eps for x in o))
+    if name == "softmax_bound":
+        if "xi" in opt:
+            return _bound_at(o, c, opt["xi"])
+        return _golden_min(lambda xi: _bound_at(o, c, xi), 1e-6, 60.0)
+    if name == "z_loss":
+        a, b = opt.get("a", 1.0), opt.get("b", 0.0)
+        mu = sum(o) / D
+        sigma = math.sqrt(sum((x - mu) ** 2 for x in o) / D)
+        z = (o[c] - mu) / sigma
+        t = a * (b - z)
+        return (max(t, 0) + math.log1p(math.exp(-abs(t)))) / a
+    if name == "mse":
+        return sum((x - (1.0 if k == c else 0.0)) ** 2 for k, x in enumerate(o))
+    raise AssertionError(name)
+
+
+OPTIONS = [
+    ("log_softmax", {}),
+    ("taylor", {}),
+    ("taylor", {"order": 4}),
+    ("taylor", {"order": 6, "margin": 0.5}),
+    ("taylor", {"margin": 0.3}),
+    ("spherical", {}),
+    ("spherical", {"eps": 0.5}),
+    ("softmax_bound", {}),
+    ("softmax_bound", {"xi": 1.7}),
+    ("z_loss", {}),
+    ("z_loss", {"a": 2.5, "b": 0.7}),
+    ("mse", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "opt"), OPTIONS)
+@pytest.mark.parametrize("num_classes", [2, 3, 17])
+def test_matches_per_example_reference(name: str, opt: dict, num_classes: int) -> None:
+    g = torch.Generator().manual_seed(num_classes)
+    x = torch.randn(9, num_classes, generator=g, dtype=torch.float64) * 1.5
+    t = torch.randint(0, num_classes, (9,), generator=g)
+    got = sl.get_loss(name, reduction="none", **opt)(x, t)
+    want = torch.tensor(
+        [reference(name, x[i].tolist(), int(t[i]), **opt) for i in range(9)], dtype=torch.float64
+    )
+    torch.testing.assert_close(got, want.double(), rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# log_softmax is exactly F.cross_entropy, for every option
+
+
+@pytest.mark.parametrize("shape", [(7,), (6, 7), (3, 7, 2, 4)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("soft", [False, True])
+def test_log_softmax_is_cross_entropy(shape, reduction, weighted, label_smoothing, soft) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    if soft:
+        t = torch.softmax(
+            torch.randn(shape, generator=g, dtype=torch.float64), dim=0 if len(shape) == 1 else 1
+        )
+    else:
+        t = torch.randint(0, C, shape[:1] + shape[2:] if len(shape) > 1 else (), generator=g)
+        if t.dim():
+            t.view(-1)[::3] = -100
+    got = sl.spherical_loss(
+        x, t, "log_softmax", w, reduction=reduction, label_smoothing=label_smoothing
+    )
+    want = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=label_smoothing)
+    assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# conventions shared by every member
+
+
+def _per_position_reference(name, x, t, **opt):
+    """Per-position losses of (N, C, d...) logits by looping over positions."""
+    rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+    tt = t.reshape(-1)
+    out = [
+        reference(name, rows[i].tolist(), int(tt[i]), **opt) if tt[i] >= 0 else 0.0
+        for i in range(len(tt))
+    ]
+    return torch.tensor(out, dtype=torch.float64).reshape(t.shape)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_conventions_k_dimensional(name: str, reduction: str, weighted: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 3, 2, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 5, (4, 3, 2), generator=g)
+    t[0, 0, 0] = -100
+    t[2, 1, 1] = 7
+    t[2, 1, 1] = -100
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.2 if weighted else None
+    per = _per_position_reference(name, x, t)
+    ww = torch.where(t >= 0, w[t.clamp(min=0)] if w is not None else torch.ones_like(per), 0.0)
+    want = {"none": per * ww, "sum": (per * ww).sum(), "mean": (per * ww).sum() / ww.sum()}[
+        reduction
+    ]
+    got = sl.spherical_loss(x, t, name, w, reduction=reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    if reduction == "none":
+        assert got[0, 0, 0] == 0.0 and got[2, 1, 1] == 0.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_single_example_shape_c(name: str) -> None:
+    x = torch.randn(6, dtype=torch.float64)
+    t = torch.tensor(4)
+    for reduction in ("none", "mean", "sum"):
+        got = sl.spherical_loss(x, t, name, reduction=reduction)
+        assert got.shape == ()
+        torch.testing.assert_close(
+            got, torch.tensor(reference(name, x.tolist(), 4), dtype=torch.float64)
+        )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ignore_index_gives_no_gradient_and_custom_index(name: str) -> None:
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, 3, 3, 0, 2])
+    loss = sl.spherical_loss(x, t, name, ignore_index=3)
+    loss.backward()
+    assert torch.all(x.grad[1:3] == 0)
+    keep = torch.tensor([0, 3, 4])
+    torch.testing.assert_close(loss, sl.spherical_loss(x[keep], t[keep], name))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_ignored_mean_is_nan_like_cross_entropy(name: str) -> None:
+    x = torch.randn(3, 4)
+    t = torch.full((3,), -100)
+    assert torch.isnan(sl.spherical_loss(x, t, name)) == torch.isnan(F.cross_entropy(x, t))
+    assert sl.spherical_loss(x, t, name, reduction="sum") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("name", [*SPHERICAL, "taylor4"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_gradcheck(name: str, reduction: str, weighted: bool, ignore: bool) -> None:
+    g = torch.Generator().manual_seed(2)
+    opt = {"order": 4} if name == "taylor4" else {}
+    name = "taylor" if name == "taylor4" else name
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (6,), generator=g)
+    if ignore:
+        t[1] = -100
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    crit = sl.get_loss(name, weight=w, reduction=reduction, **opt)
+    assert torch.autograd.gradcheck(lambda x: crit(x, t), (x,))
+
+
+@pytest.mark.parametrize("name", WITH_PROBS[1:])
+@pytest.mark.parametrize("soft", [False, True])
+def test_gradcheck_label_smoothing_and_probability_targets(name: str, soft: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    if soft:
+        t = torch.softmax(torch.randn(2, 5, 3, generator=g, dtype=torch.float64), dim=1)
+    else:
+        t = torch.randint(0, 5, (2, 3), generator=g)
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    crit = sl.get_loss(name, weight=w, label_smoothing=0.1)
+    assert torch.autograd.gradcheck(lambda x: crit(x, t), (x,))
+
+
+def test_gradient_is_alpha_plus_two_beta_o_plus_gamma_ec() -> None:
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 5, 2, 2])
+    for name in SPHERICAL:
+        member = family.get_member(name)
+        (grad,) = torch.autograd.grad(sl.spherical_loss(x, t, member, reduction="sum"), x)
+        s, q, oc = family.statistics(x.detach(), t)
+        _, a, b, c = member.loss_and_partials(s, q, oc, 6)
+        want = a[:, None] + 2 * b[:, None] * x.detach() + F.one_hot(t, 6) * c[:, None]
+        torch.testing.assert_close(grad, want)
+
+
+# --------------------------------------------------------------------------------------------
+# label smoothing and probability targets for Taylor and spherical
+
+
+def _manual_soft_ce(logp, t, w, reduction, ls, C):
+    t = t * (1 - ls) + ls / C
+    per = -(logp * t * w).sum(1)
+    return {"none": per, "sum": per.sum(), "mean": per.sum() / per.numel()}[reduction]
+
+
+@pytest.mark.parametrize(
+    ("name", "mapping"),
+    [("taylor", sl.log_taylor_softmax), ("spherical", sl.log_spherical_softmax)],
+)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ls", [0.0, 0.25])
+def test_probability_targets(name, mapping, reduction, ls) -> None:
+    x = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.softmax(torch.randn(5, 4, dtype=torch.float64), dim=1)
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    got = sl.spherical_loss(x, t, name, w, reduction=reduction, label_smoothing=ls)
+    torch.testing.assert_close(got, _manual_soft_ce(mapping(x, dim=1), t, w, reduction, ls, 4))
+
+
+@pytest.mark.parametrize(
+    ("name", "mapping"),
+    [("taylor", sl.log_taylor_softmax), ("spherical", sl.log_spherical_softmax)],
+)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_label_smoothing_with_class_indices(name, mapping, reduction) -> None:
+    # The same as cross-entropy against the smoothed one-hot target, with F.cross_entropy's
+    # normalization: 'mean' divides by the summed weights of the kept targets.
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 4, -100, 2, 2, 1])
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    ls = 0.3
+    got = sl.spherical_loss(x, t, name, w, reduction=reduction, label_smoothing=ls)
+    logp = mapping(x, dim=1)
+    keep = t >= 0
+    tc = t.clamp(min=0)
+    nll = -logp.gather(1, tc[:, None])[:, 0] * w[tc] * keep
+    smooth = -(logp * w).sum(1) * keep
+    per = (1 - ls) * nll + ls / 5 * smooth
+    want = {"none": per, "sum": per.sum(), "mean": per.sum() / (w[tc] * keep).sum()}[reduction]
+    torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# properties
+
+
+finite = st.floats(-30, 30, allow_nan=False, width=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=40), st.sampled_from([2, 4, 6]))
+def test_taylor_probabilities_positive_and_sum_to_one(values, order) -> None:
+    x = torch.tensor(values, dtype=torch.float64)
+    p = sl.taylor_softmax(x, order=order)
+    assert torch.all(p > 0)
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(finite, min_size=1, max_size=40),
+    st.floats(1e-4, 10.0),
+    st.floats(1e-2, 1e2),
+    st.lists(st.booleans(), min_size=40, max_size=40),
+)
+def test_spherical_probabilities_and_invariances(values, eps, lam, flips) -> None:
+    x = torch.tensor(values, dtype=torch.float64)
+    p = sl.spherical_softmax(x, eps=eps)
+    assert torch.all(p > 0)
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+    sign = torch.tensor([-1.0 if f else 1.0 for f in flips[: len(values)]], dtype=torch.float64)
+    torch.testing.assert_close(sl.spherical_softmax(x * sign, eps=eps), p)
+    torch.testing.assert_close(sl.spherical_softmax(lam * x, eps=lam * lam * eps), p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(finite, min_size=2, max_size=30, unique=True),
+    st.floats(-100, 100),
+    st.floats(1e-2, 1e2),
+    st.data(),
+)
+def test_z_loss_shift_and_scale_invariant(values, shift, scale, data) -> None:
+    x = torch.tensor([values], dtype=torch.float64)
+    if float(x.std()) < 1e-3:
+        return
+    t = torch.tensor([data.draw(st.integers(0, len(values) - 1))])
+    base = sl.z_loss(x, t)
+    torch.testing.assert_close(sl.z_loss(scale * x + shift, t), base, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(finite, min_size=2, max_size=50), st.data(), st.one_of(st.none(), st.floats(0.01, 20))
+)
+def test_bound_is_above_cross_entropy(values, data, xi) -> None:
+    x = torch.tensor([values], dtype=torch.float64)
+    t = torch.tensor([data.draw(st.integers(0, len(values) - 1))])
+    bound = sl.softmax_upper_bound_loss(x, t, xi=xi)
+    assert bound >= F.cross_entropy(x, t) - 1e-9
+    if xi is not None:  # the optimum is below any fixed ξ
+        assert sl.softmax_upper_bound_loss(x, t) <= bound + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=30), st.data())
+def test_mse_is_squared_distance_to_one_hot(values, data) -> None:
+    x = torch.tensor([values], dtype=torch.float64)
+    c = data.draw(st.integers(0, len(values) - 1))
+    want = ((x - F.one_hot(torch.tensor([c]), len(values))) ** 2).sum()
+    torch.testing.assert_close(sl.spherical_mse_loss(x, torch.tensor([c])), want)
+
+
+def test_optimal_xi_is_the_minimum_over_a_grid() -> None:
+    x = torch.randn(3, 50, dtype=torch.float64) * 3
+    t = torch.tensor([0, 10, 49])
+    best = sl.softmax_upper_bound_loss(x, t, reduction="none")
+    for xi in torch.linspace(0.05, 30, 300).tolist():
+        assert torch.all(best <= sl.softmax_upper_bound_loss(x, t, reduction="none", xi=xi) + 1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# numbers: dtypes, extremes, non-finite input
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computed_in_float32(name: str, dtype: torch.dtype) -> None:
+    x = (torch.randn(8, 11) * 2).to(dtype).requires_grad_()
+    t = torch.randint(0, 11, (8,))
+    loss = sl.spherical_loss(x, t, name)
+    assert loss.dtype == dtype
+    loss.backward()
+    assert x.grad.dtype == dtype
+    x32 = x.detach().float().requires_grad_()
+    ref = sl.spherical_loss(x32, t, name)
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref.to(dtype).float())
+    torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float())
+
+
+EXTREMES = {
+    "zeros": lambda: torch.zeros(4, 10),
+    "constant": lambda: torch.full((4, 10), 3.0),
+    "huge": lambda: torch.tensor([[1e4, -1e4] * 5, [-1e4] * 10, [1e4] * 10, [1e4] + [0.0] * 9]),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case", list(EXTREMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_inputs_give_finite_loss_and_gradient(name: str, case: str, dtype) -> None:
+    x = EXTREMES[case]().to(dtype).requires_grad_()
+    t = torch.tensor([0, 3, 9, 1])
+    loss = sl.spherical_loss(x, t, name)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
+
+
+def test_bound_at_a_million_classes() -> None:
+    D = 1_000_000
+    x = torch.zeros(2, D, requires_grad=True)
+    t = torch.tensor([0, D - 1])
+    loss = sl.softmax_upper_bound_loss(x, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
+    # Uniform logits: Bouchard's bound min_a [a + Σ log(1 + e^(o_k − a))] is
+    # log(D − 1) + D log(D / (D − 1)) ≈ log D + 1, and the Jaakkola–Jordan step is tight there.
+    assert abs(loss.item() - (math.log(D - 1) + D * math.log(D / (D - 1)))) < 1e-5
+    y = torch.randn(2, D)
+    gap = sl.softmax_upper_bound_loss(y, t) - F.cross_entropy(y, t)
+    assert torch.isfinite(gap) and gap >= -1e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan(name: str, bad: float) -> None:
+    x = torch.randn(3, 5)
+    x[1, 2] = bad
+    got = sl.spherical_loss(x, torch.tensor([0, 1, 2]), name, reduction="none")
+    assert torch.isnan(got[1]) and torch.all(torch.isfinite(got[[0, 2]]))
+
+
+def test_z_loss_constant_outputs_defined_as_zero_score() -> None:
+    x = torch.full((2, 5), 7.0, requires_grad=True)
+    loss = sl.z_loss(x, torch.tensor([0, 4]), b=1.5)
+    torch.testing.assert_close(loss, F.softplus(torch.tensor(1.5)))
+    loss.backward()
+    assert torch.all(x.grad == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the API
+
+
+def test_functional_and_module_names_agree() -> None:
+    x = torch.randn(5, 8, dtype=torch.float64)
+    t = torch.randint(0, 8, (5,))
+    pairs = [
+        (sl.taylor_cross_entropy(x, t, order=4), sl.TaylorCrossEntropyLoss(order=4)(x, t)),
+        (sl.spherical_cross_entropy(x, t, eps=0.1), sl.SphericalCrossEntropyLoss(eps=0.1)(x, t)),
+        (sl.z_loss(x, t, a=2.0), sl.ZLoss(a=2.0)(x, t)),
+        (sl.softmax_upper_bound_loss(x, t, xi=2.0), sl.SoftmaxUpperBoundLoss(xi=2.0)(x, t)),
+        (sl.spherical_mse_loss(x, t), sl.SphericalMSELoss()(x, t)),
+        (sl.get_loss("taylor", order=4)(x, t), sl.taylor_cross_entropy(x, t, order=4)),
+        (sl.get_loss("log_softmax")(x, t), F.cross_entropy(x, t)),
+        (sl.TaylorSoftmax(dim=0)(x), sl.taylor_softmax(x, dim=0)),
+        (sl.SphericalSoftmax(eps=0.2)(x), sl.spherical_softmax(x, eps=0.2)),
+    ]
+    for a, b in pairs:
+        torch.testing.assert_close(a, b)
+
+
+def test_module_weight_is_a_buffer_that_moves_with_the_module() -> None:
+    crit = sl.TaylorCrossEntropyLoss(weight=torch.ones(3))
+    assert "weight" in dict(crit.named_buffers())
+    assert crit.double().weight.dtype == torch.float64
+
+
+def test_user_defined_member_works_with_autograd_partials() -> None:
+    class HalfMSE(sl.SphericalMember):
+        name = "half_mse"
+
+        def loss(self, s, q, oc, D):
+            return 0.5 * (q - 2 * oc + 1)
+
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, 0, 5, 5])
+    assert torch.autograd.gradcheck(lambda x: sl.spherical_loss(x, t, HalfMSE()), (x,))
+    torch.testing.assert_close(
+        sl.spherical_loss(x, t, HalfMSE(), reduction="sum"),
+        0.5 * sl.spherical_mse_loss(x, t, reduction="sum"),
+    )
+
+
+def test_probability_maps_along_dim() -> None:
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    for fn in (sl.taylor_softmax, sl.spherical_softmax):
+        for dim in (0, 1, -1):
+            torch.testing.assert_close(
+                fn(x, dim=dim).sum(dim), torch.ones(()).double().expand_as(x.sum(dim))
+            )
+    torch.testing.assert_close(sl.log_taylor_softmax(x, 1).exp(), sl.taylor_softmax(x, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# errors: each names the value and what was expected
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: sl.SphericalCrossEntropyLoss(eps=0), "eps must be a finite number > 0, got 0"),
+        (lambda: sl.SphericalCrossEntropyLoss(eps=-1), "got -1"),
+        (lambda: sl.TaylorCrossEntropyLoss(order=3), "even integer >= 2.*got 3"),
+        (lambda: sl.TaylorCrossEntropyLoss(order=0), "got 0"),
+        (lambda: sl.TaylorSoftmax(order=5), "got 5"),
+        (lambda: sl.TaylorCrossEntropyLoss(margin=-0.1), "margin must be .*>= 0, got -0.1"),
+        (lambda: sl.ZLoss(a=0), "a must be a finite number > 0, got 0"),
+        (lambda: sl.ZLoss(b=float("nan")), "b must be a finite number"),
+        (lambda: sl.SoftmaxUpperBoundLoss(xi=0), "xi must be a finite number > 0, got 0"),
+        (lambda: sl.SoftmaxUpperBoundLoss(xi=-2.0), "got -2.0"),
+        (lambda: sl.ZLoss(label_smoothing=0.1), "defines no class probabilities"),
+        (lambda: sl.TaylorCrossEntropyLoss(reduction="avg"), "reduction must be one of.*'avg'"),
+        (
+            lambda: sl.TaylorCrossEntropyLoss(label_smoothing=1.5),
+            r"label_smoothing must be in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda: sl.get_loss("softmax"),
+            "unknown loss 'softmax'; expected one of log_softmax, taylor",
+        ),
+        (lambda: sl.get_loss("spherical", epsilon=0.1), "unknown option.*epsilon.*expected eps"),
+        (lambda: sl.get_loss("mse", eps=0.1), "expected no options"),
+    ],
+)
+def test_bad_options_fail_when_created(make, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_target_out_of_range(name: str) -> None:
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"Target 12 is out of bounds for 10 classes"):
+        sl.spherical_loss(x, torch.tensor([0, 12, 1]), name)
+    with pytest.raises(ValueError, match=r"Target -3 is out of bounds"):
+        sl.spherical_loss(x, torch.tensor([0, -3, 1]), name)
+
+
+@pytest.mark.parametrize("name", SPHERICAL)
+def test_shape_and_dtype_errors(name: str) -> None:
+    x = torch.randn(3, 10)
+    with pytest.raises(
+        ValueError, match=r"target must have shape \(3,\) for input of shape \(3, 10\), got \(4,\)"
+    ):
+        sl.spherical_loss(x, torch.zeros(4, dtype=torch.long), name)
+    with pytest.raises(ValueError, match=r"floating-point tensor of logits, got torch\.int64"):
+        sl.spherical_loss(
+            torch.ones(3, 10, dtype=torch.long), torch.zeros(3, dtype=torch.long), name
+        )
+    with pytest.raises(
+        ValueError, match=r"weight must be a 1-D tensor of 10 elements.*got shape \(9,\)"
+    ):
+        sl.spherical_loss(x, torch.zeros(3, dtype=torch.long), name, weight=torch.ones(9))
+    with pytest.raises(ValueError, match="got a scalar"):
+        sl.spherical_loss(torch.tensor(1.0), torch.tensor(0), name)
+    with pytest.raises(ValueError, match="integer tensor"):
+        sl.spherical_loss(x, torch.zeros(3, dtype=torch.bool), name)
+
+
+@pytest.mark.parametrize("name", NO_PROBS)
+def test_float_targets_need_probabilities(name: str) -> None:
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=f"the '{name}' loss defines no class probabilities"):
+        sl.spherical_loss(x, torch.rand(3, 4), name)
+    with pytest.raises(ValueError, match="no label_smoothing > 0"):
+        sl.spherical_loss(x, torch.tensor([0, 1, 2]), name, label_smoothing=0.1)
+
+
+def test_probability_target_shape_and_margin_errors() -> None:
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"input's shape \(3, 4\), got \(3, 5\)"):
+        sl.taylor_cross_entropy(x, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="margin needs class-index targets"):
+        sl.taylor_cross_entropy(x, torch.rand(3, 4), margin=0.5)
+    with pytest.raises(ValueError, match="margin"):
+        sl.taylor_cross_entropy(x, torch.tensor([0, 1, 2]), margin=0.5, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"dim must be in \[-2, 1\].*got 2"):
+        sl.taylor_softmax(x, dim=2)
+
+
+def test_non_spherical_members_say_so() -> None:
+    member = family.Taylor(order=4)
+    assert not member.spherical and family.Taylor().spherical
+    with pytest.raises(ValueError, match="order 4 is not spherical"):
+        member.loss_and_partials(torch.zeros(1), torch.zeros(1), torch.zeros(1), 3)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        sl.softmax_upper_bound_loss(torch.randn(3, 1), torch.zeros(3, dtype=torch.long))
