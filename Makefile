@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The MNIST comparison with the cpu profile, one seed per loss; prints the table.
+mnist: $(VENV)/.installed
+	$(VENV)/bin/spherical-losses compare --task mnist --profile cpu \
+		--losses log_softmax,taylor,spherical,z_loss --seeds 1 --out runs
+
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-.PHONY: install test
+.PHONY: install mnist test

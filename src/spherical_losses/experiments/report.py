@@ -1,0 +1,192 @@
+"""Tables and plots of finished runs: mean ± standard deviation over seeds, beside the paper."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .tasks import PAPER_RESULTS
+from .tasks import headline as _headline
+
+__all__ = ["collect", "write_report"]
+
+
+def collect(results_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run (a ``final.json``) below ``results_dir``, with its metric history."""
+    runs = []
+    for final in sorted(results_dir.rglob("final.json")):
+        record = json.loads(final.read_text())
+        history_path = final.with_name("metrics.csv")
+        history = []
+        if history_path.exists():
+            with history_path.open() as f:
+                history = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        record["history"] = history
+        record["dir"] = str(final.parent)
+        runs.append(record)
+    return runs
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]:
+    """Writes ``report.md``, ``report.csv``, ``curves.png`` and ``final.png``.
+
+    Returns the paths of the Markdown and CSV tables.
+    """
+    results_dir = Path(results_dir)
+    to = Path(to) if to is not None else results_dir
+    runs = collect(results_dir)
+    if not runs:
+        raise ValueError(f"no finished runs (final.json) below {results_dir}")
+    to.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        key = (run["task"], run["profile"], run["loss_spec"], run["output"])
+        groups[key].append(run)
+
+    rows = []
+    for (task, profile, spec, output), members in sorted(groups.items()):
+        metric_names = sorted({k for r in members for k in r["metrics"] if k.startswith("test")})
+        row: dict[str, Any] = {
+            "task": task,
+            "profile": profile,
+            "loss": spec,
+            "output": output,
+            "seeds": len(members),
+            "epochs": members[0]["epochs"],
+        }
+        for name in metric_names:
+            values = [r["metrics"][name] for r in members if name in r["metrics"]]
+            row[name], row[f"{name}_std"] = _mean_std(values)
+        paper = PAPER_RESULTS.get(task, {}).get(spec) if output == "dense" else None
+        row["paper"] = paper
+        row["headline"] = _headline(task)
+        rows.append(row)
+
+    md_path, csv_path = to / "report.md", to / "report.csv"
+    md_path.write_text(_markdown(rows))
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "headline"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path.write_text(buf.getvalue())
+    _plots(groups, to)
+    return md_path, csv_path
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        headline = mine[0]["headline"]
+        others = sorted(
+            {k for r in mine for k in r if k.startswith("test") and not k.endswith("_std")}
+            - {headline}
+        )
+        unit = "" if "perplexity" in headline else " (%)"
+        cols = [headline, *others]
+        out.append(f"### {task}\n")
+        out.append(
+            "| loss | output | profile | seeds | epochs | "
+            + " | ".join(c.replace("_", " ") + (unit if "error" in c else "") for c in cols)
+            + " | paper |"
+        )
+        out.append("|" + "---|" * (6 + len(cols)))
+        for r in mine:
+            digits = 1 if "perplexity" in headline else 2
+            cells = [
+                _fmt(r[c], r[f"{c}_std"], digits if c == headline else 2) if c in r else "—"
+                for c in cols
+            ]
+            paper = "—" if r["paper"] is None else f"{r['paper']}"
+            out.append(
+                f"| {r['loss']} | {r['output']} | {r['profile']} | {r['seeds']} | {r['epochs']} | "
+                + " | ".join(cells)
+                + f" | {paper} |"
+            )
+        out.append(
+            "\nmean ± sample standard deviation over seeds; the paper's figures are single runs "
+            "of its own (larger) models.\n"
+        )
+    return "\n".join(out)
+
+
+def _plots(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]], to: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({key[0] for key in groups})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    bars: list[tuple[str, str, float, float]] = []
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric = _headline(task)
+        for (t, _profile, spec, output), members in sorted(groups.items()):
+            if t != task:
+                continue
+            label = spec + (" (factored)" if output == "factored" else "")
+            curves = [
+                [row.get(metric) for row in m["history"] if isinstance(row.get(metric), float)]
+                for m in members
+            ]
+            length = min((len(c) for c in curves), default=0)
+            if length:
+                mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+                ax.plot(range(1, length + 1), mean, marker="o", label=label)
+            finals = [m["metrics"][metric] for m in members if metric in m["metrics"]]
+            if finals:
+                mean, std = _mean_std(finals)
+                bars.append((task, label, mean, 0.0 if math.isnan(std) else std))
+        ax.set_title(f"{task}: {metric.replace('_', ' ')} (mean over seeds)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(to / "curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mine = [b for b in bars if b[0] == task]
+        ax.bar(
+            range(len(mine)),
+            [b[2] for b in mine],
+            yerr=[b[3] for b in mine],
+            capsize=4,
+            color="tab:blue",
+            alpha=0.8,
+        )
+        ax.set_xticks(range(len(mine)), [b[1] for b in mine], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{task}: final {_headline(task).replace('_', ' ')} (± std over seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(to / "final.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,307 @@
+"""The experiment suite end to end: command line, run directories, resume, reports, torchrun."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spherical_losses.experiments import cli
+from spherical_losses.experiments.report import write_report
+from spherical_losses.experiments.tasks import LanguageModel, Settings
+from spherical_losses.experiments.train import DenseOutput, Net, RunConfig, evaluate, train
+from spherical_losses.family import get_member
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _idx(magic: int, array: np.ndarray) -> bytes:
+    return (
+        struct.pack(">I", magic)
+        + b"".join(struct.pack(">I", d) for d in array.shape)
+        + array.tobytes()
+    )
+
+
+def make_mnist(root: Path, n_train: int = 512, n_test: int = 128) -> Path:
+    """A learnable MNIST look-alike: class k lights up a 4×4 square at a class-specific place."""
+    rng = np.random.default_rng(0)
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            r, c = 2 + 8 * (k // 3), 2 + 8 * (k % 3)
+            images[i, r : r + 4, c : c + 4] = 255
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(0x803, images)))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(0x801, labels))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("text")
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(40)]
+    for name, lines in (("train", 300), ("valid", 40), ("test", 40)):
+        text = "\n".join(
+            " ".join(words[(j * 3 + k) % 40] for k in range(int(rng.integers(3, 12))))
+            for j in range(lines)
+        )
+        (folder / f"{name}.txt").write_text(text + "\n")
+    return folder
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spherical_losses", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+MNIST_FAST = ["--task", "mnist", "--model-opt", "width=4", "--model-opt", "features=16", "--quiet"]
+
+
+def test_train_writes_a_complete_run_directory(mnist_dir: Path, tmp_path: Path) -> None:
+    code = cli.main(
+        [
+            "train", *MNIST_FAST, "--loss", "spherical", "--loss-opt", "eps=0.1", "--epochs", "2",
+            "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--seed", "3",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    folder = tmp_path / "mnist" / "spherical_eps=0.1" / "seed-3"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt", "config.json", "final.json", "metrics.csv",
+    ]  # fmt: skip
+    final = json.loads((folder / "final.json").read_text())
+    assert final["loss_spec"] == "spherical(eps=0.1)" and final["seed"] == 3
+    assert 0 <= final["metrics"]["test_error"] <= 100
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
+    config = json.loads((folder / "config.json").read_text())
+    assert config["loss_options"] == {"eps": 0.1} and config["settings"]["epochs"] == 2
+    # the same run again is refused, not overwritten
+    again = ["train", *MNIST_FAST, "--loss", "spherical", "--loss-opt", "eps=0.1", "--epochs", "2"]
+    assert (
+        cli.main([*again, "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--seed", "3"]) == 2
+    )
+
+
+def test_learns_the_fixture(mnist_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig(
+        task="mnist", loss="taylor", out=str(tmp_path), data_dir=str(mnist_dir), epochs=3,
+        quiet=True, model_options={"width": 8, "features": 32},
+    )  # fmt: skip
+    assert train(config)["metrics"]["test_error"] < 20.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("--task mnst --loss taylor", "invalid choice: 'mnst'"),
+        ("--task mnist --loss tayl", "unknown loss 'tayl'; expected one of"),
+        ("--task mnist --loss spherical --loss-opt eps=-1", "eps must be a finite number > 0"),
+        ("--task mnist --loss spherical --loss-opt eps", "--loss-opt takes key=value"),
+        ("--task mnist --loss taylor --loss-opt order=3", "even integer"),
+        ("--task mnist --loss taylor --epochs 0", "--epochs must be >= 1, got 0"),
+        ("--task mnist --loss taylor --model-opt wdth=3", "unknown model option(s) wdth"),
+        ("--task mnist --loss taylor --data-dir /nonexistent", "/nonexistent/mnist/train-images"),
+        ("--task mnist --loss taylor --profile gpu", "invalid choice: 'gpu'"),
+    ],
+)
+def test_bad_command_lines_end_with_one_message(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run_cli("train", *args, "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_killed_run_resumes_to_the_same_metrics(mnist_dir: Path, tmp_path: Path) -> None:
+    args = [
+        "train", *MNIST_FAST, "--loss", "z_loss", "--epochs", "5", "--data-dir", str(mnist_dir),
+    ]  # fmt: skip
+    # the reference: never interrupted
+    assert run_cli(*args, "--out", str(tmp_path / "a")).returncode == 0
+    reference = json.loads((tmp_path / "a/mnist/z_loss/seed-0/final.json").read_text())
+
+    folder = tmp_path / "b" / "mnist" / "z_loss" / "seed-0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spherical_losses", *args, "--out", str(tmp_path / "b")], env=ENV
+    )
+    deadline = time.monotonic() + 300
+    while not (folder / "checkpoint.pt").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "final.json").exists(), "killed too late: the run had finished"
+    epochs_done = len((folder / "metrics.csv").read_text().splitlines()) - 1
+    assert 1 <= epochs_done < 5
+
+    # without --resume the interrupted run is not overwritten
+    refused = run_cli(*args, "--out", str(tmp_path / "b"))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    assert run_cli(*args, "--out", str(tmp_path / "b"), "--resume").returncode == 0
+    resumed = json.loads((folder / "final.json").read_text())
+    assert resumed["metrics"] == reference["metrics"]
+    ref_rows = (tmp_path / "a/mnist/z_loss/seed-0/metrics.csv").read_text().splitlines()
+    got_rows = (folder / "metrics.csv").read_text().splitlines()
+    strip = [lambda r: [c for i, c in enumerate(r.split(",")) if i not in (3, 4)]]  # timings
+    assert [strip[0](r) for r in got_rows] == [strip[0](r) for r in ref_rows]
+
+
+def test_compare_skips_finished_resumes_interrupted_and_reports(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    common = [*MNIST_FAST, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    assert cli.main(["train", *common, "--loss", "taylor", "--seed", "1"]) == 0
+    finished = tmp_path / "mnist/taylor/seed-1/final.json"
+    stamp = finished.stat().st_mtime_ns
+    result = run_cli("compare", *common, "--losses", "log_softmax,taylor", "--seeds", "2")
+    assert result.returncode == 0, result.stderr
+    assert "done already" in result.stdout and finished.stat().st_mtime_ns == stamp
+    for loss in ("log_softmax", "taylor"):
+        for seed in (0, 1):
+            assert (tmp_path / f"mnist/{loss}/seed-{seed}/final.json").exists()
+    report = (tmp_path / "mnist" / "report.md").read_text()
+    assert "| log_softmax | dense | cpu | 2 | 1 |" in report and "0.812" in report
+    assert " ± " in report
+    for name in ("report.csv", "curves.png", "final.png"):
+        assert (tmp_path / "mnist" / name).stat().st_size > 0
+
+
+def test_compare_reports_a_crashed_run_and_keeps_the_others(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    common = [*MNIST_FAST, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    assert cli.main(["train", *common, "--loss", "mse", "--seed", "0"]) == 0
+    # a corrupt checkpoint makes the other run crash when compare resumes it
+    bad = tmp_path / "mnist/taylor/seed-0"
+    bad.mkdir(parents=True)
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = run_cli("compare", *common, "--losses", "mse,taylor", "--seeds", "1")
+    assert result.returncode == 1 and "failed runs" in result.stderr
+    assert json.loads((tmp_path / "mnist/mse/seed-0/final.json").read_text())["loss"] == "mse"
+
+
+def test_report_mean_and_std(tmp_path: Path) -> None:
+    for seed, err in enumerate([1.0, 2.0, 4.0]):
+        folder = tmp_path / "mnist" / "taylor" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        final = {
+            "task": "mnist", "loss": "taylor", "loss_options": {}, "loss_spec": "taylor",
+            "output": "dense", "seed": seed, "profile": "cpu", "epochs": 2,
+            "metrics": {"test_error": err, "test_loss": 0.1},
+        }  # fmt: skip
+        (folder / "final.json").write_text(json.dumps(final))
+        (folder / "metrics.csv").write_text(f"epoch,test_error\n1,{err + 1}\n2,{err}\n")
+    md, csv = write_report(tmp_path / "mnist")
+    text = md.read_text()
+    assert f"| taylor | dense | cpu | 3 | 2 | 2.33 ± {np.std([1, 2, 4], ddof=1):.2f} |" in text
+    assert "0.785" in text  # the paper's figure beside ours
+    assert csv.read_text().splitlines()[1].startswith("mnist,cpu,taylor,dense,3,2,")
+    with pytest.raises(ValueError, match="no finished runs"):
+        write_report(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("loss", ["log_softmax", "taylor", "spherical", "softmax_bound", "z_loss"])
+def test_language_model_metrics(text_dir: Path, tmp_path: Path, loss: str) -> None:
+    config = RunConfig(
+        task="text", loss=loss, out=str(tmp_path), data_dir=str(text_dir), epochs=1, quiet=True,
+        batch_size=4, model_options={"hidden": 16, "dropout": 0.0},
+    )  # fmt: skip
+    metrics = train(config)["metrics"]
+    assert 0 <= metrics["test_top10_error"] <= metrics["test_error"] <= 100
+    # perplexity only under the model's own probabilities; none for the Z-loss
+    assert ("test_perplexity" in metrics) == (loss != "z_loss")
+
+
+def test_perplexity_is_exp_of_cross_entropy_and_uses_the_members_probabilities(
+    text_dir: Path,
+) -> None:
+    from spherical_losses.experiments.data import load_text_corpus
+
+    task = LanguageModel(load_text_corpus(text_dir), "text")
+    settings = Settings(epochs=1, batch_size=4, lr=1.0, bptt=7, model={"hidden": 8})
+    torch.manual_seed(0)
+    net = Net(task.build_body(settings), torch.nn.Linear(8, task.num_classes), recurrent=True)
+    ce = evaluate(
+        task, net, DenseOutput(get_member("log_softmax")), settings, "test", torch.device("cpu")
+    )
+    assert math.isclose(ce["test_perplexity"], math.exp(ce["test_loss"]), rel_tol=1e-6)
+    taylor = evaluate(
+        task, net, DenseOutput(get_member("taylor")), settings, "test", torch.device("cpu")
+    )
+    # Taylor's loss is its own negative log-probability
+    assert math.isclose(taylor["test_perplexity"], math.exp(taylor["test_loss"]), rel_tol=1e-6)
+    assert taylor["test_error"] == ce["test_error"]  # same logits, same ranking
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Path) -> None:
+    args = [
+        "train", *MNIST_FAST, "--model-opt", "dropout=0", "--loss", "taylor", "--epochs", "2",
+        "--batch-size", "32", "--dtype", "float64", "--data-dir", str(mnist_dir),
+    ]  # fmt: skip
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "spherical_losses", *args, "--out", str(tmp_path / "two"),
+        ],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    a = torch.load(tmp_path / "one/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
+    assert (
+        json.loads((tmp_path / "two/mnist/taylor/seed-0/final.json").read_text())["world_size"] == 2
+    )
+    moved = False
+    for name, value in a["net"].items():
+        torch.testing.assert_close(b["net"][name], value, rtol=1e-10, atol=1e-12)
+        moved |= name.endswith("weight")
+    assert moved
+
+
+@pytest.mark.skipif(not (REAL_DATA / "mnist").exists(), reason="shared/data not present")
+def test_smoke_run_on_real_mnist(tmp_path: Path) -> None:
+    config = RunConfig(
+        task="mnist", loss="taylor", out=str(tmp_path), data_dir=str(REAL_DATA), epochs=1,
+        train_limit=6400, quiet=True, model_options={"width": 8, "features": 64},
+    )  # fmt: skip
+    assert train(config)["metrics"]["test_error"] < 15.0
