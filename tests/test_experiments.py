@@ -133,10 +133,8 @@ def test_learns_the_fixture(mnist_dir: Path, tmp_path: Path) -> None:
         ("--task mnist --loss taylor --profile gpu", "invalid choice: 'gpu'"),
     ],
 )
-def test_bad_command_lines_end_with_one_message(
-    args: list[str], message: str, tmp_path: Path
-) -> None:
-    result = run_cli("train", *args, "--out", str(tmp_path), "--quiet")
+def test_bad_command_lines_end_with_one_message(args: str, message: str, tmp_path: Path) -> None:
+    result = run_cli("train", *args.split(), "--out", str(tmp_path), "--quiet")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -9,6 +9,7 @@ of classes.
 from __future__ import annotations
 
 from . import family
+from .factored import FactoredSGD, FactoredSphericalLoss
 from .family import Member, SphericalMember, get_member, member_names
 from .functional import (
     log_spherical_softmax,
@@ -60,6 +61,8 @@ def get_loss(name: str, **options: object) -> SphericalLoss:
 
 
 __all__ = [
+    "FactoredSGD",
+    "FactoredSphericalLoss",
     "Member",
     "SoftmaxUpperBoundLoss",
     "SphericalCrossEntropyLoss",
