@@ -361,11 +361,13 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     hi = torch.sqrt(2.0 * target / c1).clamp(min=2.0 * math.asinh(math.sqrt(2.0 * c2 / c1))) + 1.0
     xi = torch.where(at_lo, lo, hi)
     for _ in range(100):
-        half = 0.5 * xi
-        inv_sh2 = 1.0 / torch.square(torch.sinh(half))
+        sh2 = torch.square(torch.sinh(0.5 * xi))
+        inv_sh2 = 1.0 / sh2
         bracket = c1 - c2 * inv_sh2
-        g = torch.square(xi) * bracket - target
-        slope = 2.0 * xi * bracket + torch.square(xi) * c2 * inv_sh2 / torch.tanh(half)
+        xi2 = torch.square(xi)
+        g = xi2 * bracket - target
+        # d/dξ of c2/sinh²(ξ/2) is −c2·coth(ξ/2)/sinh²(ξ/2), coth = sqrt(1 + sinh²)/sinh
+        slope = 2.0 * xi * bracket + xi2 * c2 * inv_sh2 * torch.sqrt((1.0 + sh2) * inv_sh2)
         above = g > 0
         hi = torch.where(above, xi, hi)
         lo = torch.where(above, lo, xi)

@@ -78,7 +78,9 @@ class _SphericalLossFunction(torch.autograd.Function):
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
         grad = torch.mul(o, (beta2 * grad_loss).unsqueeze(-1))
-        grad.add_((alpha * grad_loss).unsqueeze(-1))
+        # Members with α ≡ 0 (spherical softmax, squared error) save a pass over the gradient.
+        if o.device.type != "cpu" or bool(alpha.any()):
+            grad.add_((alpha * grad_loss).unsqueeze(-1))
         grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * grad_loss).unsqueeze(-1))
         return grad.to(input.dtype), None, None, None
 
