@@ -106,6 +106,9 @@ class LSTMBody(nn.Module):
 
     Input ``(T, B)`` token indices and the previous state; output features ``(T, B, hidden)``
     and the new state. Weights uniform in ``[−init, init]`` (Zaremba et al. 2014).
+    ``sparse=True`` gives the embedding a sparse gradient (plain SGD only), so that a step
+    touches only the rows of the words in the batch: with a huge vocabulary a dense embedding
+    gradient would cost ``O(D·d)`` per step.
     """
 
     def __init__(
@@ -115,9 +118,10 @@ class LSTMBody(nn.Module):
         layers: int = 2,
         dropout: float = 0.0,
         init: float = 0.1,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, hidden)
+        self.embedding = nn.Embedding(vocab_size, hidden, sparse=sparse)
         self.lstm = nn.LSTM(hidden, hidden, layers, dropout=dropout if layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
         self.features = hidden

@@ -169,9 +169,10 @@ class FactoredOutput:
         self.member = crit.member
 
     def loss(self, feats: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-        if reduction == self.crit.reduction:
-            return self.crit(feats, target)
-        return self.crit.loss(feats, target, reduction=reduction)
+        if reduction not in ("mean", "sum") or self.crit.reduction != "mean":
+            raise ValueError(f"unsupported reduction {reduction!r} for the factored output")
+        loss = self.crit(feats, target)
+        return loss * len(target) if reduction == "sum" else loss
 
     def log_prob(self, feats: Tensor, target: Tensor) -> Tensor | None:
         if not self.member.has_probabilities:
