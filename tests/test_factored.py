@@ -1,0 +1,689 @@
+"""The factored O(d²) output layer against the dense layer and SGD it must reproduce exactly."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import StepLR
+
+import spherical_losses as sl
+from spherical_losses import FactoredSGD, FactoredSphericalLoss, family
+
+MEMBERS = ["taylor", "spherical", "z_loss", "softmax_bound", "mse"]
+# Learning rates at which float64 training is not chaotic over the runs below (at larger steps
+# the spherical softmax's γ = −2o_c/(o_c² + ε) amplifies rounding differences between any two
+# exact implementations, dense included), and at which the loss still moves.
+LR = {"taylor": 0.3, "spherical": 0.01, "z_loss": 0.3, "softmax_bound": 0.3, "mse": 0.02}
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The matrices here are tiny: one thread is as fast, and unaffected by other processes
+    competing for the cores (with several threads each, OpenMP's busy waits collapse).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``expected``."""
+    scale = expected.detach().abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    return ((actual.detach() - expected.detach()).abs().max() / scale).item()
+
+
+def make_pair(
+    member: str | family.Member,
+    num_classes: int,
+    in_features: int,
+    bias: bool = True,
+    dtype: torch.dtype = F64,
+    seed: int = 0,
+    **kwargs: object,
+) -> tuple[nn.Linear, FactoredSphericalLoss]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, num_classes, bias=bias, dtype=dtype)
+    return linear, FactoredSphericalLoss.from_linear(linear, member, **kwargs)
+
+
+def train_both(
+    linear: nn.Linear,
+    layer: FactoredSphericalLoss,
+    steps: int,
+    lr: float,
+    *,
+    batch: int,
+    weight_decay: float = 0.0,
+    schedule: bool = True,
+    seed: int = 1,
+    feature_scale: torch.Tensor | None = None,
+) -> float:
+    """Trains both layers on the same minibatches; returns the largest relative difference of
+    the losses and input gradients seen at any step, after checking the final weights.
+    """
+    member, reduction = layer.member, layer.reduction
+    opt = FactoredSGD(layer, lr=lr, weight_decay=weight_decay)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    schedulers = [StepLR(o, step_size=40, gamma=0.8) for o in (opt, dense_opt)] if schedule else []
+    gen = torch.Generator().manual_seed(seed)
+    num_classes, in_features = linear.out_features, linear.in_features
+    # Targets from a quarter of the classes: most minibatches repeat some.
+    high = max(1, num_classes // 4)
+    worst = 0.0
+    for _ in range(steps):
+        h = torch.randn(batch, in_features, generator=gen, dtype=linear.weight.dtype)
+        if feature_scale is not None:
+            h = h * feature_scale
+        target = torch.randint(0, high, (batch,), generator=gen)
+        h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+        opt.zero_grad()
+        dense_opt.zero_grad()
+        loss = layer(h1, target)
+        dense = sl.spherical_loss(linear(h2), target, member, reduction=reduction)
+        if reduction == "none":
+            weights = torch.rand(batch, generator=gen, dtype=h.dtype)
+            (loss * weights).sum().backward()
+            (dense * weights).sum().backward()
+        else:
+            loss.backward()
+            dense.backward()
+        worst = max(worst, rel(loss, dense), rel(h1.grad, h2.grad))
+        opt.step()
+        dense_opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert rel(layer.weight, linear.weight) <= 1e-9
+    if linear.bias is not None:
+        assert rel(layer.bias, linear.bias) <= 1e-9
+    return worst
+
+
+# --------------------------------------------------------------------------------------------
+# exactness against the dense layer and torch.optim.SGD (float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_matches_dense_sgd(member: str, bias: bool, weight_decay: float, reduction: str) -> None:
+    linear, layer = make_pair(member, 40, 6, bias=bias, reduction=reduction)
+    lr = LR[member] / (12 if reduction == "sum" else 1)
+    assert train_both(linear, layer, 60, lr, batch=12, weight_decay=weight_decay) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", ["m > d", "m < d"])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_matches_dense_sgd_1000_steps(member: str, shape: str) -> None:
+    # m > d inverts M on the d×d side, m < d through the m×m (Woodbury) side.
+    in_features, batch = (5, 12) if shape == "m > d" else (24, 6)
+    linear, layer = make_pair(member, 50, in_features)
+    worst = train_both(linear, layer, 1000, LR[member], batch=batch, weight_decay=0.01)
+    assert worst <= 1e-9
+
+
+def test_reduction_none_with_weights_matches_dense() -> None:
+    linear, layer = make_pair("taylor", 30, 5, reduction="none")
+    assert train_both(linear, layer, 50, 0.2, batch=9) <= 1e-9
+
+
+def test_user_defined_member_matches_dense() -> None:
+    class LogNorm(family.SphericalMember):
+        """Defined by its loss only: the partials come from autograd."""
+
+        name = "test_log_norm"
+
+        def loss(self, s, q, oc, D):
+            return torch.log(D + q) - 2.0 * oc + 0.1 * torch.square(s) / D
+
+    linear, layer = make_pair(LogNorm(), 30, 5)
+    assert train_both(linear, layer, 100, 0.05, batch=8, weight_decay=0.01) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", ["m > d", "m < d"])
+def test_member_without_q_term_matches_dense(shape: str) -> None:
+    class NoQ(family.SphericalMember):
+        """β = ∂L/∂q = 0: M = (1 − ηλ) I, the series for M⁻¹ has one term."""
+
+        name = "test_no_q"
+
+        def loss(self, s, q, oc, D):
+            return torch.square(s) / D - oc
+
+    in_features, batch = (4, 9) if shape == "m > d" else (20, 5)
+    linear, layer = make_pair(NoQ(), 30, in_features)
+    assert train_both(linear, layer, 100, 0.05, batch=batch, weight_decay=0.1) <= 1e-9
+
+
+def test_gradient_accumulation_matches_dense() -> None:
+    linear, layer = make_pair("spherical", 20, 4, eps=0.1)
+    opt = FactoredSGD(layer, lr=0.05, weight_decay=0.1)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.05, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        opt.zero_grad()
+        dense_opt.zero_grad()
+        for _ in range(3):  # three backward calls, one step: W did not change in between
+            h = torch.randn(5, 4, generator=gen, dtype=F64)
+            target = torch.randint(0, 6, (5,), generator=gen)
+            layer(h, target).backward()
+            sl.spherical_loss(linear(h), target, family.Spherical(0.1)).backward()
+        opt.step()
+        dense_opt.step()
+    assert rel(layer.weight, linear.weight) <= 1e-9
+    assert rel(layer.bias, linear.bias) <= 1e-9
+
+
+def test_ignore_index_matches_dense() -> None:
+    linear, layer = make_pair("taylor", 15, 4, ignore_index=-1)
+    opt = FactoredSGD(layer, lr=0.2)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        h = torch.randn(8, 4, generator=gen, dtype=F64, requires_grad=True)
+        target = torch.randint(-1, 15, (8,), generator=gen)
+        target[0] = 3  # at least one target kept
+        h2 = h.detach().clone().requires_grad_()
+        opt.zero_grad()
+        dense_opt.zero_grad()
+        loss = layer(h, target)
+        dense = sl.spherical_loss(linear(h2), target, "taylor", ignore_index=-1)
+        loss.backward()
+        dense.backward()
+        assert rel(loss, dense) <= 1e-12
+        assert rel(h.grad, h2.grad) <= 1e-12
+        opt.step()
+        dense_opt.step()
+    assert rel(layer.weight, linear.weight) <= 1e-10
+
+
+def test_empty_batch_applies_weight_decay_only() -> None:
+    in_features = 3
+    linear, layer = make_pair("taylor", 10, in_features, reduction="sum")
+    opt = FactoredSGD(layer, lr=0.5, weight_decay=0.1)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.5, weight_decay=0.1)
+    h, target = torch.empty(0, in_features, dtype=F64), torch.empty(0, dtype=torch.long)
+    layer(h, target).backward()
+    sl.spherical_loss(linear(h), target, "taylor", reduction="sum").backward()
+    opt.step()
+    dense_opt.step()
+    assert rel(layer.weight, linear.weight) <= 1e-14
+
+
+def test_unbatched_input() -> None:
+    linear, layer = make_pair("taylor", 7, 3, reduction="none")
+    h = torch.randn(3, dtype=F64)
+    target = torch.tensor(4)
+    loss = layer(h, target)
+    assert loss.shape == ()
+    expected = sl.spherical_loss(linear(h), target, "taylor", reduction="none")
+    assert rel(loss, expected) <= 1e-12
+    assert layer.log_prob(h, target).shape == ()
+    assert layer.logits(h).shape == (7,)
+
+
+# --------------------------------------------------------------------------------------------
+# the ways of inverting M, and the repairs
+
+
+@pytest.mark.parametrize(
+    ("kind", "ratio", "shape"),
+    [
+        ("series", 1e-5, (6, 16)),
+        ("series", 1e-5, (16, 6)),
+        ("direct", 0.1, (6, 16)),
+        ("direct", 0.1, (16, 6)),
+        ("eigen", 0.8, (16, 6)),
+        ("eigen", 1.4, (6, 16)),  # M indefinite (the rows of H are orthogonal), well conditioned
+        ("dense", 1.0 - 1e-4, (16, 6)),  # M nearly singular
+    ],
+)
+def test_every_way_of_inverting_M_is_exact(kind: str, ratio: float, shape: tuple[int, int]) -> None:
+    batch, in_features = shape
+    linear, layer = make_pair("mse", 30, in_features, bias=False, reduction="sum")
+    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.0, weight_decay=0.02)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        h = torch.randn(batch, in_features, generator=gen, dtype=F64)
+        if batch < in_features:  # orthogonal rows of one norm: J has one nonzero eigenvalue
+            h = torch.linalg.qr(h.T).Q.T * 2.0
+        target = torch.randint(0, 30, (batch,), generator=gen)
+        # For 'mse' with reduction 'sum' (β = 1), J = 2η HᵀH: set its largest eigenvalue.
+        lr = ratio / (2.0 * torch.linalg.eigvalsh(h.T @ h)[-1].item())
+        for o in (opt, dense_opt):
+            o.param_groups[0]["lr"] = lr
+            o.zero_grad()
+        layer(h, target).backward()
+        sl.spherical_loss(linear(h), target, "mse", reduction="sum").backward()
+        opt.step()
+        dense_opt.step()
+        assert layer._session.last_update == kind
+        assert rel(layer.weight, linear.weight) <= 1e-9
+
+
+def test_repairs_keep_training_exact() -> None:
+    # mse squeezes W along the inputs' directions, much faster along the directions of large
+    # variance: U becomes ill-conditioned quickly, and max_condition=16 makes repairs frequent.
+    linear, layer = make_pair("mse", 40, 6, max_condition=16)
+    scale = torch.tensor([3.0, 1.0, 0.5, 0.3, 0.2, 0.1], dtype=F64)
+    repairs = 0
+    repair = layer.repair
+
+    def counting_repair() -> None:
+        nonlocal repairs
+        repairs += 1
+        repair()
+
+    layer.repair = counting_repair  # type: ignore[method-assign]
+    worst = train_both(linear, layer, 300, 0.01, batch=10, schedule=False, feature_scale=scale)
+    assert worst <= 1e-9
+    assert repairs > 0
+    sigma = torch.linalg.svdvals(layer.U)
+    assert (sigma[0] / sigma[-1]).item() <= 16.0
+
+
+def test_repair_leaves_the_weight_unchanged() -> None:
+    linear, layer = make_pair("z_loss", 25, 5)
+    train_both(linear, layer, 30, 0.3, batch=7, weight_decay=0.1)
+    before = layer.weight, layer.bias
+    layer.repair()
+    assert torch.equal(layer.U, torch.eye(6, dtype=F64))
+    assert torch.equal(layer.omega, torch.zeros(6, dtype=F64))
+    assert rel(layer.weight, before[0]) <= 1e-14
+    assert rel(layer.bias, before[1]) <= 1e-14
+    W = torch.cat([layer.weight, layer.bias.unsqueeze(1)], dim=1)
+    assert rel(layer.Q, W.T @ W) <= 1e-13
+    assert rel(layer.w_bar, W.sum(0)) <= 1e-13
+
+
+def test_state_matches_its_definition() -> None:
+    linear, layer = make_pair("softmax_bound", 30, 5)
+    train_both(linear, layer, 200, 0.3, batch=9, weight_decay=0.05)
+    W = layer.V @ layer.U + layer.omega
+    assert rel(layer.Q, W.T @ W) <= 1e-12
+    assert rel(layer.w_bar, W.sum(0)) <= 1e-12
+    assert rel(layer.U @ layer.U_inv, torch.eye(6, dtype=F64)) <= 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# float32: the float64 state keeps the weight close to a float64 reference
+
+
+def _float32_run(num_classes: int, in_features: int, batch: int, steps: int, lr: float) -> float:
+    """Trains a float32 factored layer and a float64 dense layer on a teacher's labels; returns
+    the relative error of the weights (max-norm) after checking that the loss fell.
+    """
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(num_classes, in_features, generator=gen, dtype=F64)
+    inputs = torch.randn(4096, in_features, generator=gen, dtype=F64)
+    labels = (inputs @ teacher.T).argmax(1)
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, num_classes, dtype=F64)
+    layer = FactoredSphericalLoss.from_linear(linear, "taylor").float()
+    opt = FactoredSGD(layer, lr=lr)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        index = torch.randint(0, inputs.shape[0], (batch,), generator=gen)
+        h, target = inputs[index], labels[index]
+        opt.zero_grad()
+        dense_opt.zero_grad()
+        layer(h.float(), target).backward()
+        loss = sl.spherical_loss(linear(h), target, "taylor")
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        dense_opt.step()
+    assert sum(losses[-50:]) < 0.8 * sum(losses[:50])
+    W = torch.cat([layer.weight, layer.bias.unsqueeze(1)], dim=1).double()
+    W_ref = torch.cat([linear.weight, linear.bias.unsqueeze(1)], dim=1)
+    return rel(W, W_ref)
+
+
+def test_float32_stays_close_to_float64() -> None:
+    assert _float32_run(2000, 32, 32, 500, lr=1.0) <= 1e-4
+
+
+@pytest.mark.slow
+def test_float32_10000_steps_stays_close_to_float64() -> None:
+    assert _float32_run(10_000, 64, 32, 10_000, lr=1.0) <= 1e-3
+
+
+@pytest.mark.slow
+def test_float32_100000_steps_does_not_drift() -> None:
+    assert _float32_run(300, 8, 16, 100_000, lr=0.3) <= 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# memory: a step creates nothing with D rows
+
+
+def _largest_op_output(step) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_training_step_allocates_nothing_of_size_D() -> None:
+    num_classes, in_features, batch = 200_000, 31, 64
+    torch.manual_seed(0)
+    h = torch.randn(batch, in_features, requires_grad=True)
+    target = torch.randint(0, num_classes, (batch,))
+    linear = nn.Linear(in_features, num_classes)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    layer = FactoredSphericalLoss(in_features, num_classes)
+    opt = FactoredSGD(layer, lr=0.1)
+
+    def dense_step() -> None:
+        dense_opt.zero_grad()
+        sl.spherical_loss(linear(h), target, "taylor").backward()
+        dense_opt.step()
+
+    def factored_step() -> None:
+        opt.zero_grad()
+        layer(h, target).backward()
+        opt.step()
+
+    smallest_D_sized = num_classes * 4  # one float32 column of D entries
+    # The method sees the dense step's (m, D) logits...
+    assert _largest_op_output(dense_step) >= batch * smallest_D_sized
+    # ... and nothing near D entries in the factored step (V itself has D × 32).
+    assert _largest_op_output(factored_step) < smallest_D_sized / 10
+
+
+# --------------------------------------------------------------------------------------------
+# gradients to the input
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_input_gradient(member: str, bias: bool, reduction: str) -> None:
+    linear, layer = make_pair(member, 12, 4, bias=bias, reduction=reduction)
+    layer.requires_grad_(False)  # h.grad only: no update to record
+    torch.manual_seed(2)
+    h = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    target = torch.tensor([0, 3, 3, 7, 11])
+    assert torch.autograd.gradcheck(lambda x: layer(x, target), (h,))
+    out = layer(h, target)
+    (out.sum() if reduction == "none" else out).backward()
+    h_dense = h.detach().clone().requires_grad_()
+    dense = sl.spherical_loss(linear(h_dense), target, member, reduction=reduction)
+    (dense.sum() if reduction == "none" else dense).backward()
+    assert rel(h.grad, h_dense.grad) <= 1e-12
+
+
+def test_frozen_layer_records_nothing() -> None:
+    _, layer = make_pair("taylor", 10, 3)
+    layer.requires_grad_(False)
+    h = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    layer(h, torch.tensor([1, 2, 3, 4])).backward()  # no optimizer needed: nothing to train
+    assert not layer._session.pending and h.grad is not None
+    with torch.no_grad():
+        assert not layer(h, torch.tensor([1, 2, 3, 4])).requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# conversion, state, evaluation
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_to_linear_round_trip(bias: bool) -> None:
+    linear = nn.Linear(5, 9, bias=bias)
+    layer = FactoredSphericalLoss.from_linear(linear, "spherical", eps=0.05)
+    assert layer.V.dtype == torch.float32 and layer.U.dtype == F64
+    assert layer.member == family.Spherical(0.05)
+    back = layer.to_linear()
+    assert isinstance(back, nn.Linear) and back.weight.dtype == torch.float32
+    assert torch.equal(back.weight, linear.weight)
+    assert torch.equal(layer.weight, linear.weight)
+    if bias:
+        assert torch.equal(back.bias, linear.bias) and torch.equal(layer.bias, linear.bias)
+    else:
+        assert back.bias is None and layer.bias is None
+
+
+def test_default_initialization_is_that_of_linear() -> None:
+    layer = FactoredSphericalLoss(16, 2000)
+    bound = 1 / 4
+    assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    assert layer.bias.abs().max() <= bound
+    W = torch.cat([layer.weight, layer.bias.unsqueeze(1)], dim=1).double()
+    assert rel(layer.Q, W.T @ W) <= 1e-6
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    _, layer = make_pair("taylor", 30, 5)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=0.01)
+    scheduler = StepLR(opt, step_size=5, gamma=0.5)
+    gen = torch.Generator().manual_seed(7)
+    batches = [
+        (torch.randn(8, 5, generator=gen, dtype=F64), torch.randint(0, 30, (8,), generator=gen))
+        for _ in range(40)
+    ]
+
+    def train(layer, opt, scheduler, batches) -> None:
+        for h, target in batches:
+            opt.zero_grad()
+            layer(h, target).backward()
+            opt.step()
+            scheduler.step()
+
+    train(layer, opt, scheduler, batches[:20])
+    saved = io.BytesIO()
+    torch.save(
+        {"layer": layer.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()},
+        saved,
+    )
+    saved.seek(0)
+    state = torch.load(saved)
+    _, fresh = make_pair("taylor", 30, 5, seed=99)
+    fresh.load_state_dict(state["layer"])
+    fresh_opt = FactoredSGD(fresh, lr=1.0)
+    fresh_opt.load_state_dict(state["opt"])
+    fresh_scheduler = StepLR(fresh_opt, step_size=5, gamma=0.5)
+    fresh_scheduler.load_state_dict(state["sched"])
+    assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    train(layer, opt, scheduler, batches[20:])
+    train(fresh, fresh_opt, fresh_scheduler, batches[20:])
+    assert torch.equal(fresh.weight, layer.weight)
+    assert torch.equal(fresh.bias, layer.bias)
+    for name in ("V", "U", "U_inv", "Q", "omega", "w_bar"):
+        assert torch.equal(getattr(fresh, name), getattr(layer, name))
+
+
+def test_copies_and_casts_keep_the_float64_state() -> None:
+    _, layer = make_pair("z_loss", 20, 4, dtype=torch.float32)
+    opt = FactoredSGD(layer, lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(6, 4), torch.randint(0, 20, (6,))).backward()
+        opt.step()
+    weight = layer.weight
+    U = layer.U.clone()
+    as64 = copy.deepcopy(layer).double()
+    assert as64.V.dtype == F64 and torch.equal(as64.U, U)
+    assert rel(as64.weight, weight.double()) <= 1e-7
+    back = as64.float()
+    assert back.V.dtype == torch.float32 and back.U.dtype == F64 and torch.equal(back.U, U)
+    # The buffers are views of one packed state, also after the casts.
+    assert back.U.data_ptr() != U.data_ptr()
+    assert back.U_inv.untyped_storage().data_ptr() == back.Q.untyped_storage().data_ptr()
+    # deepcopy and pickling drop the training session (the optimizer and pending update), and
+    # keep the buffers views of the packed state that a step updates.
+    copied = copy.deepcopy(layer)
+    assert copied._attached() is None
+    assert copied.U.untyped_storage().data_ptr() == copied._state.untyped_storage().data_ptr()
+    assigned = FactoredSphericalLoss(4, 20, "z_loss")
+    assigned.load_state_dict(layer.state_dict(), assign=True)
+    assert assigned.Q.untyped_storage().data_ptr() == assigned._state.untyped_storage().data_ptr()
+    assert torch.equal(assigned.weight, weight)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.weight, weight)
+
+
+def test_log_prob_matches_dense() -> None:
+    for member, options in (("taylor", {}), ("spherical", {"eps": 0.1})):
+        linear, layer = make_pair(member, 17, 6, **options)
+        h = torch.randn(9, 6, dtype=F64)
+        target = torch.randint(0, 17, (9,))
+        expected = (
+            family.get_member(member, **options).log_probs(linear(h)).gather(1, target[:, None])
+        )
+        assert rel(layer.log_prob(h, target), expected.squeeze(1)) <= 1e-12
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 100])
+def test_logits_and_topk_match_dense(chunk_size: int | None) -> None:
+    linear, layer = make_pair("taylor", 23, 4)
+    h = torch.randn(5, 4, dtype=F64)
+    logits = linear(h)
+    assert rel(layer.logits(h, chunk_size=chunk_size), logits) <= 1e-12
+    for k in (1, 3, 23):
+        values, indices = layer.topk(h, k, chunk_size=chunk_size or 65536)
+        expected_values, expected_indices = logits.topk(k, dim=1)
+        assert rel(values, expected_values) <= 1e-12
+        assert torch.equal(indices, expected_indices)
+
+
+def test_learning_rate_scheduler_drives_the_step() -> None:
+    linear, layer = make_pair("mse", 10, 3)
+    opt = FactoredSGD(layer, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0 if epoch >= 1 else 1.0)
+    h, target = torch.randn(4, 3, dtype=F64), torch.tensor([1, 2, 3, 4])
+    for _ in range(2):
+        opt.zero_grad()
+        layer(h, target).backward()
+        opt.step()
+        scheduler.step()
+    frozen = layer.weight
+    opt.zero_grad()
+    layer(h, target).backward()
+    opt.step()  # lr 0 now
+    assert torch.equal(layer.weight, frozen)
+    assert not torch.equal(frozen, linear.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((8, 10, "log_softmax"), {}, "spherical"),
+        ((8, 10, "taylor"), {"order": 4}, "spherical"),
+        ((8, 10, "taylor"), {"eps": 1.0}, "unknown option"),
+        ((0, 10), {}, "in_features"),
+        ((8, 10), {"reduction": "avg"}, "reduction"),
+        ((8, 10), {"dtype": torch.float16}, "dtype"),
+        ((8, 10), {"max_condition": 2.0}, "max_condition"),
+    ],
+)
+def test_construction_errors(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FactoredSphericalLoss(*args, **kwargs)
+
+
+def test_input_errors() -> None:
+    layer = FactoredSphericalLoss(4, 10, "spherical")
+    h = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"shape \(N, 4\).*got \(3, 5\)"):
+        layer(torch.randn(3, 5), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"target must have shape \(3,\)"):
+        layer(h, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="integer"):
+        layer(h, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"Target 12 is out of bounds for 10 classes"):
+        layer(h, torch.tensor([1, 12, 3]))
+    with pytest.raises(ValueError, match=r"Target -3 is out of bounds"):
+        layer(h, torch.tensor([1, -3, 3]))
+    with pytest.raises(ValueError, match=r"float64 does not match the layer's torch\.float32"):
+        layer(h.double(), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="no class probabilities"):
+        FactoredSphericalLoss(4, 10, "z_loss").log_prob(h, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 10\]"):
+        layer.topk(h, 11)
+    with pytest.raises(ValueError, match="chunk_size"):
+        layer.logits(h, chunk_size=0)
+
+
+def test_training_protocol_errors() -> None:
+    layer = FactoredSphericalLoss(3, 10, "taylor", dtype=F64)
+    h, target = torch.randn(4, 3, dtype=F64), torch.tensor([1, 2, 3, 4])
+    # No FactoredSGD: the weight would silently never train.
+    with pytest.raises(RuntimeError, match="no FactoredSGD is attached"):
+        layer(h, target).backward()
+    # Generic optimizers see no parameters at all.
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam(layer.parameters())
+    opt = FactoredSGD(layer, lr=0.1)
+    layer(h, target).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):  # dense SGD would re-apply the old step
+        opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        layer(h, target).backward()
+    opt.zero_grad()
+    stale = layer(h, target)  # forward, then the weight changes, then its backward
+    layer(h, target).backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="weight changed between this forward and its backward"):
+        stale.backward()
+    layer(h, target).backward()
+    with pytest.raises(RuntimeError, match="pending"):
+        layer.double()
+    opt.zero_grad()
+    # A second optimizer takes the layer over.
+    newer = FactoredSGD(layer, lr=0.1)
+    with pytest.raises(RuntimeError, match="no longer attached"):
+        opt.step()
+    with pytest.raises(ValueError, match="takes no other parameters"):
+        newer.add_param_group({"params": [torch.zeros(1)]})
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        FactoredSGD(layer, lr=-1.0)
+    with pytest.raises(ValueError, match="FactoredSGD trains a FactoredSphericalLoss"):
+        FactoredSGD(nn.Linear(3, 3), lr=0.1)  # type: ignore[arg-type]
+
+
+def test_non_finite_gradient_is_not_applied() -> None:
+    layer = FactoredSphericalLoss(3, 10, "mse", dtype=F64)
+    opt = FactoredSGD(layer, lr=0.1)
+    before = layer.weight
+    h = torch.randn(4, 3, dtype=F64)
+    h[0, 0] = math.inf
+    layer(h, torch.tensor([1, 2, 3, 4])).backward()
+    with pytest.raises(RuntimeError, match="not finite"):
+        opt.step()
+    assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    _, layer = make_pair("taylor", 300, 16, dtype=torch.float32)
+    cuda_layer = copy.deepcopy(layer).cuda()
+    opt, cuda_opt = FactoredSGD(layer, lr=0.5), FactoredSGD(cuda_layer, lr=0.5)
+    for _ in range(20):
+        h, target = torch.randn(32, 16), torch.randint(0, 300, (32,))
+        for o, lay, dev in ((opt, layer, "cpu"), (cuda_opt, cuda_layer, "cuda")):
+            o.zero_grad()
+            lay(h.to(dev), target.to(dev)).backward()
+            o.step()
+    assert cuda_layer.U.dtype == F64
+    assert rel(cuda_layer.weight.cpu(), layer.weight) <= 1e-4
