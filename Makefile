@@ -24,6 +24,10 @@ mnist: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
-.PHONY: install mnist test
+# The long drift and full-data tests (several minutes): 100,000-step float32 runs, full CIFAR-10.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+.PHONY: install mnist test test-slow
