@@ -303,3 +303,27 @@ def test_smoke_run_on_real_mnist(tmp_path: Path) -> None:
         train_limit=6400, quiet=True, model_options={"width": 8, "features": 64},
     )  # fmt: skip
     assert train(config)["metrics"]["test_error"] < 15.0
+
+
+def test_factored_output_trains_exactly_like_the_dense_one(text_dir: Path, tmp_path: Path) -> None:
+    # Same seed, plain SGD for the output layer, no clipping: in float64 the validation
+    # perplexity of dense and factored Taylor agree to rounding.
+    finals = {}
+    for output in ("dense", "factored"):
+        config = RunConfig(
+            task="text", loss="taylor", output=output, out=str(tmp_path), data_dir=str(text_dir),
+            epochs=2, batch_size=4, clip=0.0, dtype="float64", quiet=True,
+            model_options={"hidden": 16, "dropout": 0.0},
+        )  # fmt: skip
+        finals[output] = train(config)["metrics"]
+    for name in ("valid_perplexity", "test_perplexity", "test_loss"):
+        assert math.isclose(finals["dense"][name], finals["factored"][name], rel_tol=1e-9)
+    assert finals["dense"]["test_error"] == finals["factored"]["test_error"]
+
+
+def test_factored_output_needs_a_spherical_loss(text_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "train", "--task", "text", "--data-dir", str(text_dir), "--out", str(tmp_path),
+        "--loss", "log_softmax", "--output", "factored", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 2 and "needs a spherical loss" in result.stderr
