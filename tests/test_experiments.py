@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import spherical_losses as sl
 from spherical_losses.experiments import cli
 from spherical_losses.experiments.report import write_report
 from spherical_losses.experiments.tasks import LanguageModel, Settings
@@ -327,3 +328,13 @@ def test_factored_output_needs_a_spherical_loss(text_dir: Path, tmp_path: Path) 
         "--loss", "log_softmax", "--output", "factored", "--quiet",
     )  # fmt: skip
     assert result.returncode == 2 and "needs a spherical loss" in result.stderr
+
+
+@pytest.mark.parametrize("loss", ["taylor", "spherical"])
+def test_predictions_rank_by_the_members_probabilities(loss: str) -> None:
+    # A large negative output is the most probable class under Taylor and spherical softmax.
+    logits = torch.tensor([[-9.0, 1.0, 2.0], [0.5, -0.2, 0.1]])
+    top = DenseOutput(get_member(loss)).topk(logits, 1)[:, 0]
+    probs = {"taylor": sl.taylor_softmax, "spherical": sl.spherical_softmax}[loss](logits)
+    assert torch.equal(top, probs.argmax(dim=1))
+    assert top[0] == 0 and logits[0].argmax() == 2

@@ -158,7 +158,16 @@ class DenseOutput:
         return logp.gather(-1, target[:, None])[:, 0]
 
     def topk(self, logits: Tensor, k: int) -> Tensor:
-        return logits.topk(k, dim=-1).indices
+        return _ranking_scores(self.member, logits).topk(k, dim=-1).indices
+
+
+def _ranking_scores(member: family.Member, logits: Tensor) -> Tensor:
+    """What a prediction ranks classes by: the member's own probabilities where it defines
+    them (Taylor's 1 + o + o²/2 and spherical's o² + ε are not increasing in o, so the largest
+    logit need not be the most probable class), else the logits."""
+    if member.has_probabilities:
+        return member.log_probs(logits, dim=-1)
+    return logits
 
 
 class FactoredOutput:
@@ -180,6 +189,8 @@ class FactoredOutput:
         return self.crit.log_prob(feats, target)
 
     def topk(self, feats: Tensor, k: int) -> Tensor:
+        if self.member.has_probabilities:  # rank by probability: needs all outputs, O(D·d)
+            return _ranking_scores(self.member, self.crit.logits(feats)).topk(k, dim=-1).indices
         return self.crit.topk(feats, k)[1]
 
 
