@@ -15,7 +15,8 @@ Targets follow a Zipf law over the classes (``p_k ∝ 1/(k+1)``, like word frequ
 what the adaptive softmax's head/tail split is designed for. Each (method, size) runs in its own
 subprocess, for a clean peak-memory measurement (``ru_maxrss`` above its level after two steps
 of a tiny instance of the method) and no allocator state shared between methods. Times are
-medians over ``--repeats`` steps after ``--warmup`` steps, float32.
+medians over at least ``--repeats`` steps and ``--min-time`` seconds, after a warm-up,
+float32.
 
 The factored layer's repairs are data-driven, not periodic: a step multiplies the bound on the
 condition number of ``U`` by ``(a+ρ)/(a−ρ)``; when the bound exceeds ``max_condition`` the
@@ -155,27 +156,39 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     num_classes, in_features, batch = args.num_classes, args.in_features, args.batch
-    steps = args.warmup + args.repeats
-    inputs = [torch.randn(batch, in_features, generator=gen) for _ in range(steps)]
-    targets = [zipf_targets(num_classes, batch, gen) for _ in range(steps)]
+    # A pool of minibatches, cycled: the cheap methods run many steps (see --min-time).
+    pool = 32
+    inputs = [torch.randn(batch, in_features, generator=gen) for _ in range(pool)]
+    targets = [zipf_targets(num_classes, batch, gen) for _ in range(pool)]
     step, layer = build_step(args.method, num_classes, in_features, args.loss, args.lr)
 
+    # Warm-up: at least --warmup steps and a quarter of --min-time (allocator caches, work
+    # buffers, thread pools); then at least --repeats timed steps and --min-time seconds, so
+    # a millisecond step is a median over hundreds of steps, not a handful.
     times, log_bounds = [], []
-    for i in range(steps):
-        h = inputs[i].requires_grad_()
+    i, started, timing = 0, time.perf_counter(), False
+    while True:
+        if not timing and i >= args.warmup and time.perf_counter() - started >= args.min_time / 4:
+            timing, started, i = True, time.perf_counter(), 0
+        if timing and i >= args.repeats and time.perf_counter() - started >= args.min_time:
+            break
+        h = inputs[i % pool].requires_grad_()
+        h.grad = None
         start = time.perf_counter()
-        step(h, targets[i])
+        step(h, targets[i % pool])
         elapsed = time.perf_counter() - start
-        if i >= args.warmup:
+        if timing:
             times.append(elapsed)
         if args.method == "factored":
             hi, lo = layer._session.sigma  # bounds on U's singular values (repair estimate)
             log_bounds.append(math.log(hi / lo))
+        i += 1
     result = {
         "method": args.method,
         "num_classes": num_classes,
         "in_features": in_features,
         "median_s": statistics.median(times),
+        "steps": len(times),
         "mean_s": statistics.fmean(times),
         "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024,
     }
@@ -235,6 +248,8 @@ def run_one(args: argparse.Namespace, method: str, num_classes: int, in_features
         str(args.warmup),
         "--repeats",
         str(args.repeats),
+        "--min-time",
+        str(args.min_time),
         "--loss",
         args.loss,
         "--lr",
@@ -255,8 +270,9 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
         "",
         f"Machine: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"m = {args.batch}, loss = {args.loss!r}, lr = {args.lr}; median of {args.repeats} "
-        f"steps after {args.warmup} warm-up steps; Zipf targets. Adaptive softmax cutoffs: 2% "
+        f"m = {args.batch}, loss = {args.loss!r}, lr = {args.lr}; median over at least "
+        f"{args.repeats} steps and {args.min_time:g} s of steps, after at least {args.warmup} "
+        f"warm-up steps and {args.min_time / 4:g} s; Zipf targets. Adaptive softmax cutoffs: 2% "
         "and 10% of the classes, div_value 4. `F.linear_cross_entropy` is softmax "
         "cross-entropy (reference path; 'chunked' with `LinearCrossEntropyOptions()`).",
         "",
@@ -337,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128, help="m, examples per step")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default 3, quick 2)")
     parser.add_argument("--repeats", type=int, help="timed steps (default 10, quick 5)")
+    parser.add_argument(
+        "--min-time", type=float, default=1.0, help="seconds of timed steps, at least (default 1)"
+    )
     parser.add_argument("--loss", default="taylor", help="spherical member of dense/factored")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

@@ -160,7 +160,22 @@ class _Workspace:
         Ut, Q, omega, w_bar, U_inv, self.inner = self.inc.split_with_sizes([d, d, 1, 1, d, d], 1)
         self.inc_blocks = (Ut, Q, omega[:, 0], w_bar[:, 0], U_inv)
         self.last = self.inc[:, 2 * d + 2 :]  # [U⁻¹ block | inner], which J multiplies
+        self.inc_vectors = self.inc[:, 2 * d : 2 * d + 2]  # [ω | w̄] blocks
         self.d_path_ready = False
+        self._vector_coefficients: tuple[int, Tensor] | None = None
+
+    def vector_coefficients(self, num_classes: int) -> Tensor:
+        """``C`` with ``[u | Hᵀb | r] C = [−u | −r − D u]``: the increments of ω and w̄ beyond
+        ``J ω`` and ``J w̄``.
+        """
+        cached = self._vector_coefficients
+        if cached is None or cached[0] != num_classes:
+            _, _, dtype, device = self.key
+            C = torch.tensor(
+                [[-1.0, -float(num_classes)], [0.0, 0.0], [0.0, -1.0]], dtype=dtype, device=device
+            )
+            cached = self._vector_coefficients = (num_classes, C)
+        return cached[1]
 
     def set_decay(self, a: float) -> None:
         """The factors of the increments' blocks: the state becomes
@@ -188,6 +203,14 @@ class _Workspace:
         self.J, self.SRR, self.WR, self.ur = self.out.split_with_sizes([d, d, d, 3])
         self.J_flat = self.J.view(-1)
         self.d_path_ready = True
+
+
+def _same_target_sum(R: Tensor, target: Tensor) -> Tensor:
+    """``S R`` with ``S_ij = [c_i = c_j]``: each row becomes the sum of its class's rows."""
+    groups, inverse = torch.unique(target, return_inverse=True)
+    if groups.shape[0] == R.shape[0]:
+        return R
+    return R.new_zeros(groups.shape[0], R.shape[1]).index_add_(0, inverse, R)[inverse]
 
 
 class _FactoredLossFunction(torch.autograd.Function):
@@ -823,40 +846,37 @@ class FactoredSphericalLoss(nn.Module):
         if ws.lr != lr:
             ws.lr = lr
             ws.scale.copy_(torch.tensor([-lr, 2.0 * lr, -lr], dtype=torch.float64))
-        # Columns −ηα (u = Hᵀ(−ηα)), b = 2ηβ and −ηγ (R = diag(−ηγ) H).
-        cs = upd.coef * ws.scale
-        b, g_col = cs[:, 1:2], cs[:, 2:]
-        R = H * g_col
-        # S R, with S_ij = [c_i = c_j]: the rows of R summed over repeated targets.
-        groups, inverse = torch.unique(c, return_inverse=True)
-        if groups.shape[0] < m:
-            SR = R.new_zeros(groups.shape[0], d).index_add_(0, inverse, R)[inverse]
-        else:
-            SR = R
-
         # M⁻¹ from the m×m side (Woodbury: (a I − H Hᵀ diag(b))⁻¹) or from the d×d matrix J;
         # their costs (multiply-adds of the whole step) cross near d ≈ 1.45 m.
         woodbury = 4 * m * d * d + 14 * m * m * d + m**3 < 10 * d**3
+        if not woodbury and not ws.d_path_ready:
+            ws.prepare_d_path()
+        # Columns −ηα (u = Hᵀ(−ηα)), b = 2ηβ and −ηγ (R = diag(−ηγ) H); on the d × d path
+        # written straight into the left factor of the product below.
+        cs = torch.mul(upd.coef, ws.scale, out=None if woodbury else ws.L_blocks[3])
+        b, g_col = cs[:, 1:2], cs[:, 2:]
+        R = H * g_col
+        SR = None  # S R, with S_ij = [c_i = c_j]: R's rows summed over repeated targets
         if woodbury:
+            SR = _same_target_sum(R, c)
             hb = H * b
             # H Hᵀ, H Q Hᵀ and H W_cᵀ in one product.
             G, C, N = (H @ torch.cat([H, upd.P, upd.W_c]).T).split_with_sizes([m, m, m], 1)
             GB = G * b.T  # H Hᵀ diag(b), which has the nonzero eigenvalues of J
             rho_sq = (GB * GB.T).sum()  # ‖J‖_F² = tr((H Hᵀ diag(b))²)
             ur = (H.T @ cs).T
-            u, r = ur[0], ur[2]
+            u = ur[0]
         else:
             # One product gives J = Hᵀ diag(b) H, Rᵀ S R, W_cᵀ R, u and r = Rᵀ1.
-            if not ws.d_path_ready:
-                ws.prepare_d_path()
-            L_hb, L_SR, L_W, L_cs = ws.L_blocks
+            L_hb, L_SR, L_W, _ = ws.L_blocks
             torch.mul(H, b, out=L_hb)
-            torch.mul(SR, g_col, out=L_SR)
+            # diag(−ηγ) S R as (diag(−ηγ) S) R: one m × m product, fewer operations than
+            # summing R's rows over the targets' groups.
+            torch.mm(torch.mul(torch.eq(c.unsqueeze(1), c), g_col), R, out=L_SR)
             torch.mul(upd.W_c, g_col, out=L_W)
-            L_cs.copy_(cs)
             torch.mm(ws.L.T, H, out=ws.out)
             J, SRR, WR, ur = ws.J, ws.SRR, ws.WR, ws.ur
-            u, r = ur[0], ur[2]
+            u = ur[0]
             rho_sq = torch.dot(ws.J_flat, ws.J_flat)
         # One synchronization: the bound ρ = ‖J‖_F, and whether the coefficients are finite.
         rho_sq_value, total = torch.stack([rho_sq, ur.sum()]).tolist()
@@ -894,6 +914,8 @@ class FactoredSphericalLoss(nn.Module):
                 woodbury = False
                 if not ws.d_path_ready:
                     ws.prepare_d_path()
+                if SR is None:
+                    SR = _same_target_sum(R, c)
                 SRR, WR = (torch.cat([SR * g_col, upd.W_c * g_col], dim=1).T @ H).split_with_sizes(
                     [d, d]
                 )
@@ -970,12 +992,11 @@ class FactoredSphericalLoss(nn.Module):
                 dV /= a
         # J ω − u and J w̄ − D u − Rᵀ1 (ω' = M ω + u, w̄' = M w̄ + D u + Rᵀ1), and
         # g = M w̄ + Rᵀ1 + D u/2.
-        inc_omega.sub_(u)
-        inc_w_bar.sub_(r).sub_(u, alpha=D)
-        g = torch.sub(state.w_bar.mul(a) if a != 1.0 else state.w_bar, inc_w_bar)
-        g.sub_(u, alpha=0.5 * D)
+        # The first two as one product of [u; Hᵀb; r]ᵀ with a 3 × 2 matrix; −g by itself.
+        ws.inc_vectors.addmm_(ur.T, ws.vector_coefficients(D))
+        neg_g = torch.add(inc_w_bar, state.w_bar, alpha=-a).add_(u, alpha=0.5 * D)
         if woodbury:
-            left = torch.cat([hb, R, g.unsqueeze(0)])
+            left = torch.cat([hb, R, neg_g.neg().unsqueeze(0)])
             right = torch.cat(
                 [
                     torch.addmm(C @ hb, N, R, beta=0.5, alpha=-1.0).sub_(upd.P, alpha=a),
@@ -987,7 +1008,7 @@ class FactoredSphericalLoss(nn.Module):
         else:
             # Y = −J inner + a W_cᵀ R + Rᵀ S R/2 + g uᵀ.
             Y = torch.add(SRR, WR, alpha=2.0 * a).mul_(0.5) if a != 1.0 else WR.add(SRR, alpha=0.5)
-            Y.sub_(J_inner).addr_(g, u)
+            Y.sub_(J_inner).addr_(neg_g, u, alpha=-1.0)
         torch.add(Y, Y.T, out=inc_Q)
         self.V.index_put_((c,), dV, accumulate=True)
         S = self._state.addcmul_(ws.inc_main, ws.column_scale)

@@ -247,18 +247,22 @@ class Taylor(SphericalMember):
         self, s: Tensor, q: Tensor, oc: Tensor, D: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         self._require_spherical()
+        # Few operations, mostly in place: the factored layer calls this once per step on
+        # m-vectors, where each operation's overhead outweighs its arithmetic.
         m = self.margin
-        x = oc - m
-        fx = 0.5 * (torch.square(x + 1.0) + 1.0)
-        # Σ_k f(o_k) with the target's term f(o_c) replaced by f(o_c − m);
-        # f(o_c) − f(o_c − m) = m (1 + o_c − m/2).
-        z = D + s + 0.5 * q
+        y = oc + (1.0 - m)  # 1 + x, with x = o_c − m
+        fx = y.square().add_(1.0).mul_(0.5)  # f(x) = 1 + x + x²/2
+        z = torch.add(s, q, alpha=0.5).add_(D)  # Σ_k f(o_k) = D + s + q/2
         if m:
-            z = z - m * (1.0 + oc - 0.5 * m)
+            # Σ_k f(o_k) with the target's term f(o_c) replaced by f(o_c − m);
+            # f(o_c) − f(o_c − m) = m (1 + o_c − m/2).
+            z = z.sub_(oc, alpha=m).sub_(m * (1.0 - 0.5 * m))
         loss = torch.log(z) - torch.log(fx)
-        alpha = 1.0 / z
-        beta = 0.5 * alpha
-        gamma = -(1.0 + x) / fx - m * alpha
+        alpha = z.reciprocal()
+        beta = alpha * 0.5
+        gamma = torch.div(y, fx).neg_()
+        if m:
+            gamma = gamma.sub_(alpha, alpha=m)
         return loss, alpha, beta, gamma
 
     def target_log_prob(self, s: Tensor, q: Tensor, oc: Tensor, D: int) -> Tensor:
