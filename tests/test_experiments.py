@@ -301,6 +301,38 @@ def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Pat
     assert moved
 
 
+def test_torchrun_factored_output_matches_one_process(text_dir: Path, tmp_path: Path) -> None:
+    # The factored layer under torchrun: each process trains on half of the streams, they
+    # exchange their rows of each update and apply the same step; the body goes through DDP.
+    args = [
+        "train", "--task", "text", "--loss", "taylor", "--output", "factored", "--epochs", "2",
+        "--batch-size", "4", "--clip", "0", "--dtype", "float64", "--model-opt", "hidden=16",
+        "--model-opt", "dropout=0", "--data-dir", str(text_dir), "--quiet",
+    ]  # fmt: skip
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "spherical_losses", *args, "--out", str(tmp_path / "two"),
+        ],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    run = "text/taylor-factored/seed-0"
+    a = torch.load(tmp_path / "one" / run / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / run / "checkpoint.pt", weights_only=False)
+    for name, value in a["head"].items():
+        if isinstance(value, torch.Tensor):  # (not the extra state)
+            torch.testing.assert_close(b["head"][name], value, rtol=1e-9, atol=1e-12)
+    for name, value in a["net"].items():
+        torch.testing.assert_close(b["net"][name], value, rtol=1e-9, atol=1e-12)
+    final_one = json.loads((tmp_path / "one" / run / "final.json").read_text())["metrics"]
+    final_two = json.loads((tmp_path / "two" / run / "final.json").read_text())["metrics"]
+    assert math.isclose(final_one["valid_perplexity"], final_two["valid_perplexity"], rel_tol=1e-9)
+
+
 @pytest.mark.skipif(not (REAL_DATA / "mnist").exists(), reason="shared/data not present")
 def test_smoke_run_on_real_mnist(tmp_path: Path) -> None:
     config = RunConfig(

@@ -205,6 +205,21 @@ class _Workspace:
         self.d_path_ready = True
 
 
+def _broadcast_layer(layer: FactoredSphericalLoss, group: Any) -> None:
+    """Makes ``layer`` on every process of ``group`` a copy of the one on its first process."""
+    import torch.distributed as dist
+
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        dist.broadcast(layer.V, source, group=group)
+        dist.broadcast(layer._state, source, group=group)
+        sigma = torch.tensor(layer._session.sigma, dtype=torch.float64, device=layer.V.device)
+        dist.broadcast(sigma, source, group=group)
+    layer._session.sigma = (float(sigma[0]), float(sigma[1]))
+    layer._session.weight_version += 1
+    layer._session.state_version += 1
+
+
 def _same_target_sum(R: Tensor, target: Tensor) -> Tensor:
     """``S R`` with ``S_ij = [c_i = c_j]``: each row becomes the sum of its class's rows."""
     groups, inverse = torch.unique(target, return_inverse=True)
@@ -791,20 +806,25 @@ class FactoredSphericalLoss(nn.Module):
         self._session.pending = []
         self._session.consumed = False
 
-    def _sgd_step(self, lr: float, weight_decay: float) -> None:
-        if not self._session.pending:
-            if self._session.consumed:
-                raise RuntimeError(
-                    "FactoredSGD.step() called again without a backward(); dense SGD would apply "
-                    "the previous gradient again, which has no exact factored form: call "
-                    "zero_grad() after each step"
-                )
-            return  # no gradient: dense SGD skips the parameter, weight decay included
+    def _sgd_step(
+        self, lr: float, weight_decay: float, exchange: Callable[[_Pending | None], Any] | None
+    ) -> None:
+        if not self._session.pending and self._session.consumed:
+            raise RuntimeError(
+                "FactoredSGD.step() called again without a backward(); dense SGD would apply "
+                "the previous gradient again, which has no exact factored form: call "
+                "zero_grad() after each step"
+            )
         pending = self._session.pending
+        update: _Pending | None = None
         if len(pending) == 1:
             update = pending[0]
-        else:  # W did not change between these backward calls: one update of all their rows
+        elif pending:  # W did not change between these backward calls: one update of all rows
             update = _Pending(*(torch.cat(parts) for parts in zip(*pending, strict=True)))
+        if exchange is not None:  # every process gets every process's rows
+            update = exchange(update)
+        if update is None:
+            return  # no gradient: dense SGD skips the parameter, weight decay included
         with torch.inference_mode():  # (no autograd bookkeeping: a little less per operation)
             self._apply_update(update, lr, weight_decay)
         self._session.pending = []
@@ -1114,6 +1134,21 @@ class FactoredSGD(torch.optim.Optimizer):
         Learning rate, ``>= 0``.
     weight_decay : float
         L2 penalty, ``>= 0``, as :class:`torch.optim.SGD` (applied to the bias too).
+    process_group : ProcessGroup, optional
+        Train one layer across the processes of a :mod:`torch.distributed` group (e.g.
+        ``torch.distributed.group.WORLD`` under ``torchrun``), each with its own share of the
+        minibatch, as :class:`~torch.nn.parallel.DistributedDataParallel` trains the rest of
+        the network. The layer's state is broadcast from the group's first process here; each
+        :meth:`step` then gathers every process's recorded rows (``h``, ``α, β, γ``, the
+        target, and the forward's ``W_c``, ``H Q`` and ``s``: ``m (3d + 5)`` numbers per
+        process, not a ``D × d`` gradient), averages the gradients over the processes as
+        DistributedDataParallel does, and applies the same exact update everywhere. Every
+        process of the group must call :meth:`step`. ``None`` (default): no exchange.
+
+    Attributes
+    ----------
+    last_exchange_bytes : int
+        Bytes this process sent in the last :meth:`step`'s exchange (0 without a group).
 
     Notes
     -----
@@ -1124,7 +1159,12 @@ class FactoredSGD(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, layer: FactoredSphericalLoss, lr: float = 1e-3, weight_decay: float = 0.0
+        self,
+        layer: FactoredSphericalLoss,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(layer, FactoredSphericalLoss):
             raise ValueError(
@@ -1138,6 +1178,10 @@ class FactoredSGD(torch.optim.Optimizer):
         placeholder = torch.empty(0, device=layer.V.device, dtype=layer.V.dtype)
         super().__init__([placeholder], {"lr": lr, "weight_decay": weight_decay})
         self.layer = layer
+        self.process_group = process_group
+        self.last_exchange_bytes = 0
+        if process_group is not None:
+            _broadcast_layer(layer, process_group)
         layer._attach(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1161,8 +1205,61 @@ class FactoredSGD(torch.optim.Optimizer):
                 "created for it)"
             )
         group = self.param_groups[0]
-        self.layer._sgd_step(float(group["lr"]), float(group["weight_decay"]))
+        exchange = self._exchange if self.process_group is not None else None
+        self.layer._sgd_step(float(group["lr"]), float(group["weight_decay"]), exchange)
         return loss
+
+    def _exchange(self, update: _Pending | None) -> _Pending | None:
+        """Every process's rows of the update, in rank order, with the gradients averaged over
+        the processes; ``None`` when no process recorded a backward.
+        """
+        import torch.distributed as dist
+
+        group = self.process_group
+        world = dist.get_world_size(group)
+        V = self.layer.V
+        d, dtype, device = V.shape[1], V.dtype, V.device
+        # Rows per process (−1: no backward since the last step), then the rows, padded to
+        # the largest count: one float tensor per process, targets included where the dtype
+        # holds them exactly, else in a second integer tensor.
+        count = torch.tensor([-1 if update is None else update.H.shape[0]], device=device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=group)
+        sizes = [int(c) for c in counts]
+        top = max(sizes)
+        sent = count.element_size()
+        if top < 0:
+            self.last_exchange_bytes = sent
+            return None
+        exact_targets = self.layer.num_classes <= 2.0 / torch.finfo(dtype).eps  # integers exact
+        width = 3 * d + 4  # H, α β γ, W_c, H Q, s
+        rows = torch.zeros(top, width + int(exact_targets), dtype=dtype, device=device)
+        targets = None if exact_targets else torch.zeros(top, dtype=torch.long, device=device)
+        if update is not None and update.H.shape[0]:
+            m = update.H.shape[0]
+            rows[:m, :width] = torch.cat(
+                [update.H, update.coef / world, update.W_c, update.P, update.s[:, None]], dim=1
+            )
+            if targets is None:
+                rows[:m, -1] = update.target
+            else:
+                targets[:m] = update.target
+        everything = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(everything, rows, group=group)
+        sent += rows.numel() * rows.element_size()
+        if targets is not None:
+            all_targets = [torch.empty_like(targets) for _ in range(world)]
+            dist.all_gather(all_targets, targets, group=group)
+            sent += targets.numel() * targets.element_size()
+        self.last_exchange_bytes = sent
+        kept = [part[:n] for part, n in zip(everything, sizes, strict=True) if n >= 0]
+        table = torch.cat(kept)
+        if targets is None:
+            target = table[:, -1].long()
+        else:
+            target = torch.cat([t[:n] for t, n in zip(all_targets, sizes, strict=True) if n >= 0])
+        H, coef, W_c, P, s = table[:, :width].split_with_sizes([d, 3, d, d, 1], dim=1)
+        return _Pending(H, coef, target, W_c, P, s[:, 0])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discards the update recorded since the last step (like zeroing dense gradients)."""

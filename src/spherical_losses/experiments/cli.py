@@ -246,3 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spherical-losses: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun: shut the process group down before exit (left to the interpreter's
+    exit, gloo's threads can abort a process that has finished its work)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -276,7 +276,12 @@ def _distributed() -> tuple[int, int]:
 
 
 def _build(
-    config: RunConfig, task: Task, settings: Settings, device: torch.device, dtype: torch.dtype
+    config: RunConfig,
+    task: Task,
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    world: int = 1,
 ) -> tuple[Net, Any, list[torch.optim.Optimizer]]:
     torch.manual_seed(config.seed)
     body = task.build_body(settings)
@@ -300,8 +305,16 @@ def _build(
     net = Net(body, None, task.recurrent).to(device, dtype)
     crit = FactoredSphericalLoss.from_linear(head, loss=member).to(device, dtype)
     opts: list[torch.optim.Optimizer] = [torch.optim.SGD(net.parameters(), settings.lr, **params)]
+    # Under torchrun the processes exchange their rows of each update (O(m d) numbers), not a
+    # D × d gradient, and apply the same exact step.
+    group = dist.group.WORLD if world > 1 else None
     opts.append(
-        FactoredSGD(crit, config.head_lr or settings.lr, weight_decay=settings.weight_decay)
+        FactoredSGD(
+            crit,
+            config.head_lr or settings.lr,
+            weight_decay=settings.weight_decay,
+            process_group=group,
+        )
     )
     return net, FactoredOutput(crit), opts
 
@@ -330,12 +343,10 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
         from .data import resolve_data_dir
 
         task = make_task(config.task, resolve_data_dir(config.data_dir), config.vocab_size)
-    net, output, opts = _build(config, task, settings, device, dtype)
+    net, output, opts = _build(config, task, settings, device, dtype, world)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, settings.lr_factor) for o in opts]
     model: nn.Module = net
     if world > 1:
-        if config.output == "factored":
-            raise RunError("--output factored under torchrun is not supported yet")
         model = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )

@@ -1,0 +1,106 @@
+"""The factored layer trained by two processes (gloo) against one process with the same batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spherical_losses import FactoredSGD, FactoredSphericalLoss
+
+D, IN, STEPS, LR, DECAY = 40, 6, 25, 0.3, 0.01
+
+
+def batches(total: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global minibatches: the same on every process. Few classes, so targets repeat
+    within a minibatch and across the processes' shares."""
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(total, IN, generator=gen, dtype=torch.float64),
+            torch.randint(0, D // 4, (total,), generator=gen),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def make_layer(member: str, reduction: str, seed: int) -> FactoredSphericalLoss:
+    torch.manual_seed(seed)
+    return FactoredSphericalLoss(IN, D, member, reduction=reduction, dtype=torch.float64)
+
+
+def train(
+    layer: FactoredSphericalLoss, opt: FactoredSGD, shares: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    for h, target in shares:
+        opt.zero_grad()
+        layer(h, target).backward()
+        opt.step()
+
+
+def _worker(rank: int, init_file: str, member: str, reduction: str, split: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Another initial weight on rank 1: the optimizer's broadcast must replace it.
+        layer = make_layer(member, reduction, seed=rank)
+        opt = FactoredSGD(layer, lr=LR, weight_decay=DECAY, process_group=dist.group.WORLD)
+        rows = slice(0, split) if rank == 0 else slice(split, None)
+        train(layer, opt, [(h[rows], t[rows]) for h, t in batches(13 if split != 8 else 16)])
+        torch.save(
+            {"weight": layer.weight, "bias": layer.bias, "bytes": opt.last_exchange_bytes},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("member", "reduction", "split"),
+    [
+        ("taylor", "mean", 8),  # equal shares of 16: the mean of the means is the global mean
+        ("z_loss", "mean", 8),
+        ("spherical", "sum", 5),  # shares of 5 and 8 rows
+    ],
+)
+def test_two_processes_match_one_process(
+    member: str, reduction: str, split: int, tmp_path: Path
+) -> None:
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), member, reduction, split, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # One process, the whole minibatch; DistributedDataParallel averages the processes'
+    # gradients, so with 'sum' the two processes take half the one-process step.
+    layer = make_layer(member, reduction, seed=0)
+    lr = LR if reduction == "mean" else LR / 2
+    opt = FactoredSGD(layer, lr=lr, weight_decay=DECAY if reduction == "mean" else 2 * DECAY)
+    train(layer, opt, batches(16 if split == 8 else 13))
+    assert not torch.equal(layer.weight, make_layer(member, reduction, seed=0).weight)
+    for result in results:
+        torch.testing.assert_close(result["weight"], layer.weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(result["bias"], layer.bias, rtol=1e-10, atol=1e-12)
+    # Each process sends its row count, then its rows padded to the largest share:
+    # m (3d + 5) float64 numbers with d = in_features + 1 (the bias), targets included.
+    largest = max(split, (16 if split == 8 else 13) - split)
+    assert results[0]["bytes"] == 8 + largest * (3 * (IN + 1) + 5) * 8
+    assert results[0]["bytes"] < D * (IN + 1) * 8  # already less than one dense gradient
+
+
+def test_single_process_group(tmp_path: Path) -> None:
+    # A group of one: the exchange is the identity, and the run is that of no group.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        a = make_layer("taylor", "mean", seed=0)
+        b = make_layer("taylor", "mean", seed=0)
+        train(a, FactoredSGD(a, lr=LR, process_group=dist.group.WORLD), batches(7))
+        train(b, FactoredSGD(b, lr=LR), batches(7))
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-12, atol=0.0)
+    finally:
+        dist.destroy_process_group()
