@@ -343,7 +343,35 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
     ]
     if errors:
         efficiency += ["", "Errors:", *errors]
-    return "\n".join(lines + efficiency) + "\n"
+    return "\n".join(lines + efficiency + exchange_table(rows, args.batch)) + "\n"
+
+
+def exchange_table(rows: list, batch: int) -> list[str]:
+    """Bytes each process receives per step under torchrun with ``w`` processes (float32):
+    ``FactoredSGD(process_group=...)`` all-gathers every process's ``m`` rows of
+    ``3(d+1) + 5`` numbers (h with the bias 1, α β γ, W_c, H Q, s, the target) and a row count;
+    ``DistributedDataParallel`` on a dense layer all-reduces its ``D × (d+1)`` gradient (a ring
+    all-reduce receives ``2(w−1)/w`` of it). The byte counts of the factored exchange are
+    those that ``tests/test_factored_distributed.py`` checks.
+    """
+    lines = [
+        "",
+        "Under torchrun, per step and process: bytes received by the factored layer's exchange "
+        f"(m = {batch} rows per process) against a ring all-reduce of the dense gradient:",
+        "",
+        "| D | d | w | factored exchange | dense all-reduce | dense / factored |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (num_classes, in_features), _ in rows:
+        d = in_features + 1
+        for world in (2, 8):
+            factored = (world - 1) * (8 + batch * (3 * d + 5) * 4)
+            dense = 2 * (world - 1) / world * num_classes * d * 4
+            lines.append(
+                f"| {num_classes} | {in_features} | {world} | {factored / 2**20:.3g} MiB "
+                f"| {dense / 2**20:.3g} MiB | {dense / factored:,.0f} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,12 +39,13 @@ from spherical_losses.experiments.models import LSTMBody
 
 METHODS = ["log_softmax", "linear_cross_entropy", "adaptive", "taylor", "factored_taylor"]
 SIZES = [10_000, 100_000, 793_471]
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tokens(vocab: int, n: int) -> tuple[torch.Tensor, str]:
-    if vocab == 10_000 and (REAL_DATA / "ptb").exists():
-        return data.load_ptb(REAL_DATA).train[:n], "PTB (real)"
+    """Real PTB at its own vocabulary (from ``SPHERICAL_LOSSES_DATA``), else synthetic."""
+    root = data.resolve_data_dir(None)
+    if vocab == 10_000 and (root / "ptb").exists():
+        return data.load_ptb(root).train[:n], "PTB (real)"
     return data.zipf_token_stream(n, vocab, seed=0), "Zipf (synthetic)"
 
 
@@ -112,6 +113,10 @@ def probe(method: str, vocab: int, d: int, batch: int, bptt: int, steps: int) ->
         "step_s": step,
         "tokens_per_s": batch * bptt / step,
         "peak_gib": peak / 2**30,
+        # The two D × d tensors of every method: the input embedding and the output weight
+        # (V for the factored layer).
+        "embedding_gib": body.embedding.weight.numel() * 4 / 2**30,
+        "output_gib": vocab * (d + 1) * 4 / 2**30,
         "loss": float(loss),
     }
 
@@ -123,7 +128,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--bptt", type=int, default=20)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per method (median)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median)")
     p.add_argument("--out", default="benchmarks/results/lm_cpu.md")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -138,8 +143,9 @@ def main() -> None:
         f"{args.batch * args.bptt} tokens per step, float32, {os.cpu_count()} cores, "
         f"torch {torch.__version__}",
         "",
-        "| D | tokens | method | step (s) | tokens/s | × log_softmax | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| D | tokens | method | step (s) | tokens/s | × log_softmax | peak RSS (GiB) "
+        "| embedding + output weight (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for vocab in map(int, args.sizes.split(",")):
         results = {}
@@ -154,7 +160,8 @@ def main() -> None:
             rel = f"{r['tokens_per_s'] / base:.1f}" if base else "—"
             lines.append(
                 f"| {vocab:,} | {r['source']} | {method} | {r['step_s']:.3f} | "
-                f"{r['tokens_per_s']:,.0f} | {rel} | {r['peak_gib']:.2f} |"
+                f"{r['tokens_per_s']:,.0f} | {rel} | {r['peak_gib']:.2f} | "
+                f"{r['embedding_gib']:.3f} + {r['output_gib']:.3f} |"
             )
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
