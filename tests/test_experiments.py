@@ -366,6 +366,18 @@ def test_factored_output_needs_a_spherical_loss(text_dir: Path, tmp_path: Path) 
     assert result.returncode == 2 and "needs a spherical loss" in result.stderr
 
 
+def test_factored_output_refuses_momentum(mnist_dir: Path, tmp_path: Path) -> None:
+    # The MNIST profile trains with momentum: the factored layer has no exact form for it, so
+    # the run stops before training instead of silently using plain SGD for that layer.
+    result = run_cli(
+        "train", *MNIST_FAST, "--data-dir", str(mnist_dir), "--out", str(tmp_path),
+        "--loss", "taylor", "--output", "factored",
+    )  # fmt: skip
+    assert result.returncode == 2 and "momentum" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.rglob("checkpoint.pt"))
+
+
 @pytest.mark.parametrize("loss", ["taylor", "spherical"])
 def test_predictions_rank_by_the_members_probabilities(loss: str) -> None:
     # A large negative output is the most probable class under Taylor and spherical softmax.

@@ -300,6 +300,12 @@ def _build(
             f"--output factored needs a spherical loss; {config.loss_spec()} is not spherical "
             "(it does not depend on the outputs through (s, q, o_c) only)"
         )
+    if settings.momentum:
+        raise RunError(
+            f"--output factored trains the output layer with plain SGD (momentum has no exact "
+            f"O(d²) form), but the {config.profile} profile of {config.task!r} uses momentum "
+            f"{settings.momentum}; use --output dense for this task"
+        )
     # The dense head's initialization, so that dense and factored runs start from one weight.
     head = nn.Linear(body.features, task.num_classes)
     net = Net(body, None, task.recurrent).to(device, dtype)
