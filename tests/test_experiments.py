@@ -273,11 +273,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Path) -> None:
-    args = [
-        "train", *MNIST_FAST, "--model-opt", "dropout=0", "--loss", "taylor", "--epochs", "2",
-        "--batch-size", "32", "--dtype", "float64", "--data-dir", str(mnist_dir),
-    ]  # fmt: skip
+def run_one_and_two_processes(args: list[str], tmp_path: Path) -> None:
+    """``args`` in one process into ``tmp_path/one``, then under torchrun with two processes
+    (gloo) into ``tmp_path/two``."""
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
@@ -289,6 +287,14 @@ def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Pat
         capture_output=True, text=True, env=ENV, timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr
+
+
+def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Path) -> None:
+    args = [
+        "train", *MNIST_FAST, "--model-opt", "dropout=0", "--loss", "taylor", "--epochs", "2",
+        "--batch-size", "32", "--dtype", "float64", "--data-dir", str(mnist_dir),
+    ]  # fmt: skip
+    run_one_and_two_processes(args, tmp_path)
     a = torch.load(tmp_path / "one/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "two/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
     assert (
@@ -309,17 +315,7 @@ def test_torchrun_factored_output_matches_one_process(text_dir: Path, tmp_path: 
         "--batch-size", "4", "--clip", "0", "--dtype", "float64", "--model-opt", "hidden=16",
         "--model-opt", "dropout=0", "--data-dir", str(text_dir), "--quiet",
     ]  # fmt: skip
-    one = run_cli(*args, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", "spherical_losses", *args, "--out", str(tmp_path / "two"),
-        ],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr
+    run_one_and_two_processes(args, tmp_path)
     run = "text/taylor-factored/seed-0"
     a = torch.load(tmp_path / "one" / run / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "two" / run / "checkpoint.pt", weights_only=False)
