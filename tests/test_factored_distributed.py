@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spherical_losses import FactoredSGD, FactoredSphericalLoss
+from spherical_losses import FactoredSGD, FactoredSphericalLoss, factored
 
 D, IN, STEPS, LR, DECAY = 40, 6, 25, 0.3, 0.01
 
@@ -41,8 +41,12 @@ def train(
         opt.step()
 
 
-def _worker(rank: int, init_file: str, member: str, reduction: str, split: int, out: str) -> None:
+def _worker(
+    rank: int, init_file: str, member: str, reduction: str, split: int, out: str, int_targets: bool
+) -> None:
     torch.set_num_threads(1)
+    if int_targets:  # as if the classes outnumbered the integers that V's dtype holds exactly
+        factored._targets_fit = lambda num_classes, dtype: False
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         # Another initial weight on rank 1: the optimizer's broadcast must replace it.
@@ -59,19 +63,21 @@ def _worker(rank: int, init_file: str, member: str, reduction: str, split: int, 
 
 
 @pytest.mark.parametrize(
-    ("member", "reduction", "split"),
+    ("member", "reduction", "split", "int_targets"),
     [
-        ("taylor", "mean", 8),  # equal shares of 16: the mean of the means is the global mean
-        ("z_loss", "mean", 8),
-        ("spherical", "sum", 5),  # shares of 5 and 8 rows
+        # equal shares of 16: the mean of the means is the global mean
+        ("taylor", "mean", 8, False),
+        ("z_loss", "mean", 8, False),
+        ("spherical", "sum", 5, False),  # shares of 5 and 8 rows
+        ("taylor", "mean", 8, True),  # targets in their own integer tensor
     ],
 )
 def test_two_processes_match_one_process(
-    member: str, reduction: str, split: int, tmp_path: Path
+    member: str, reduction: str, split: int, int_targets: bool, tmp_path: Path
 ) -> None:
     mp.spawn(
         _worker,
-        args=(str(tmp_path / "init"), member, reduction, split, str(tmp_path)),
+        args=(str(tmp_path / "init"), member, reduction, split, str(tmp_path), int_targets),
         nprocs=2,
         join=True,
     )
@@ -89,7 +95,8 @@ def test_two_processes_match_one_process(
     # Each process sends its row count, then its rows padded to the largest share:
     # m (3d + 5) float64 numbers with d = in_features + 1 (the bias), targets included.
     largest = max(split, (16 if split == 8 else 13) - split)
-    assert results[0]["bytes"] == 8 + largest * (3 * (IN + 1) + 5) * 8
+    numbers = 3 * (IN + 1) + (4 if int_targets else 5)
+    assert results[0]["bytes"] == 8 + largest * numbers * 8 + (8 * largest if int_targets else 0)
     assert results[0]["bytes"] < D * (IN + 1) * 8  # already less than one dense gradient
 
 

@@ -205,6 +205,11 @@ class _Workspace:
         self.d_path_ready = True
 
 
+def _targets_fit(num_classes: int, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds every class index exactly (float32: up to 2²⁴ classes)."""
+    return num_classes <= 2.0 / torch.finfo(dtype).eps
+
+
 def _broadcast_layer(layer: FactoredSphericalLoss, group: Any) -> None:
     """Makes ``layer`` on every process of ``group`` a copy of the one on its first process."""
     import torch.distributed as dist
@@ -1231,7 +1236,7 @@ class FactoredSGD(torch.optim.Optimizer):
         if top < 0:
             self.last_exchange_bytes = sent
             return None
-        exact_targets = self.layer.num_classes <= 2.0 / torch.finfo(dtype).eps  # integers exact
+        exact_targets = _targets_fit(self.layer.num_classes, dtype)
         width = 3 * d + 4  # H, α β γ, W_c, H Q, s
         rows = torch.zeros(top, width + int(exact_targets), dtype=dtype, device=device)
         targets = None if exact_targets else torch.zeros(top, dtype=torch.long, device=device)
