@@ -561,6 +561,30 @@ def test_logits_and_topk_match_dense(chunk_size: int | None) -> None:
         assert torch.equal(indices, expected_indices)
 
 
+@pytest.mark.parametrize("member", ["taylor", "spherical"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 100])
+def test_topk_by_probability_matches_dense(member: str, chunk_size: int) -> None:
+    # Large negative outputs are among the most probable classes for both members (f(o) grows
+    # with |o|), so ranking by probability differs from ranking by logit here.
+    linear, layer = make_pair(member, 23, 4)
+    h = 10.0 * torch.randn(6, 4, dtype=F64)
+    log_probs = layer.member.log_probs(linear(h), dim=-1)
+    assert not torch.equal(log_probs.topk(3, dim=1).indices, linear(h).topk(3, dim=1).indices)
+    for k in (1, 3, 23):
+        values, indices = layer.topk(h, k, chunk_size=chunk_size, by="probability")
+        expected_values, expected_indices = log_probs.topk(k, dim=1)
+        assert rel(values, expected_values) <= 1e-12
+        assert torch.equal(indices, expected_indices)
+
+
+def test_topk_errors() -> None:
+    _, layer = make_pair("z_loss", 10, 3)
+    with pytest.raises(ValueError, match="defines no class probabilities"):
+        layer.topk(torch.randn(2, 3, dtype=F64), 2, by="probability")
+    with pytest.raises(ValueError, match="by must be 'logit' or 'probability', got 'rank'"):
+        layer.topk(torch.randn(2, 3, dtype=F64), 2, by="rank")
+
+
 def test_learning_rate_scheduler_drives_the_step() -> None:
     linear, layer = make_pair("mse", 10, 3)
     opt = FactoredSGD(layer, lr=0.1)

@@ -555,8 +555,11 @@ class FactoredSphericalLoss(nn.Module):
             out[:, start : start + chunk.shape[1]] = chunk
         return out.squeeze(0) if unbatched else out
 
-    def topk(self, input: Tensor, k: int, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
-        """The ``k`` largest outputs and their classes, without forming all outputs at once.
+    def topk(
+        self, input: Tensor, k: int, chunk_size: int = 65536, *, by: str = "logit"
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest outputs (or most probable classes) and their classes, without
+        forming all outputs at once.
 
         Parameters
         ----------
@@ -566,6 +569,12 @@ class FactoredSphericalLoss(nn.Module):
             ``1 <= k <= num_classes``.
         chunk_size : int
             Classes per chunk: memory is ``O(N·(chunk_size + k))``.
+        by : str
+            ``'logit'`` (default): the largest outputs. ``'probability'``: the most probable
+            classes under the member's own probabilities (Taylor, spherical), which need not
+            be the largest outputs (Taylor's ``1 + o + o²/2`` and spherical's ``o² + ε`` are not
+            increasing in ``o``); the values are then log-probabilities, exact (the normalizer
+            comes from ``s`` and ``q`` in ``O(d²)`` per row).
 
         Returns
         -------
@@ -574,11 +583,27 @@ class FactoredSphericalLoss(nn.Module):
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an integer in [1, {self.num_classes}], got {k!r}")
+        if by not in ("logit", "probability"):
+            raise ValueError(f"by must be 'logit' or 'probability', got {by!r}")
+        if by == "probability" and not self.member.has_probabilities:
+            raise ValueError(
+                f"the {self.member.name!r} loss defines no class probabilities; use by='logit'"
+            )
         rows, unbatched = self._check_input(input)
+        score: Callable[[Tensor], Tensor] = lambda chunk: chunk  # noqa: E731
+        if by == "probability":
+            # log p_k = target_log_prob(s, q, o_k, D) for every class k of a chunk.
+            H = self._augment(rows)
+            HQ = H @ self._cast_state().QW  # [H Q | H ω | H w̄]
+            d = H.shape[1]
+            s, q = HQ[:, d + 1 :], torch.linalg.vecdot(HQ[:, :d], H).unsqueeze(1)
+            member, D = self.member, self.num_classes
+            score = lambda chunk: member.target_log_prob(s, q, chunk, D)  # noqa: E731
         # The running top k, merged with each chunk's own top k.
         values = rows.new_empty(rows.shape[0], 0)
         indices = torch.empty(rows.shape[0], 0, dtype=torch.long, device=rows.device)
-        for start, chunk in self._logit_chunks(rows, chunk_size):
+        for start, logits in self._logit_chunks(rows, chunk_size):
+            chunk = score(logits)
             chunk_values, chunk_indices = chunk.topk(min(k, chunk.shape[1]), dim=1)
             values, order = torch.cat([values, chunk_values], dim=1).topk(
                 min(k, values.shape[1] + chunk_values.shape[1]), dim=1

@@ -189,9 +189,10 @@ class FactoredOutput:
         return self.crit.log_prob(feats, target)
 
     def topk(self, feats: Tensor, k: int) -> Tensor:
-        if self.member.has_probabilities:  # rank by probability: needs all outputs, O(D·d)
-            return _ranking_scores(self.member, self.crit.logits(feats)).topk(k, dim=-1).indices
-        return self.crit.topk(feats, k)[1]
+        # In chunks of classes (O(D·d) time, bounded memory); by the member's probabilities
+        # where it defines them, as the dense output ranks.
+        by = "probability" if self.member.has_probabilities else "logit"
+        return self.crit.topk(feats, k, by=by)[1]
 
 
 # --------------------------------------------------------------------------------------------
