@@ -119,6 +119,7 @@ class _Session:
         "sigma",
         "state_version",
         "trainable",
+        "trigger",
         "weight_version",
         "workspace",
     )
@@ -134,6 +135,7 @@ class _Session:
         self.last_update = ""  # how the last step applied M⁻¹: series, direct, eigen, dense
         self.cast_cache: tuple[tuple[Any, ...], _Cast] | None = None
         self.workspace: _Workspace | None = None
+        self.trigger: Tensor | None = None  # the zero-size leaf of the forward (see there)
 
     def detached(self) -> _Session:
         """A copy without the training session (optimizer, pending update) and the caches."""
@@ -289,9 +291,13 @@ class _FactoredLossFunction(torch.autograd.Function):
             layer._record(_Pending(H, coef, target, W_c, P, s))
         grad_input = None
         if ctx.needs_input_grad[0]:
-            # ∂L/∂h = α w̄ + 2β Q h + γ W_c, without the bias column.
-            grad = torch.addcmul(torch.outer(coef[:, 0], w_bar), P, coef[:, 1:2], value=2.0)
-            grad_input = grad.addcmul_(W_c, coef[:, 2:])[:, : ctx.in_features]
+            # ∂L/∂h = α w̄ + 2β Q h + γ W_c, without the bias column: computed on the first
+            # columns only, so the gradient is contiguous (autograd would copy a strided one).
+            n = ctx.in_features
+            grad = torch.outer(coef[:, 0], w_bar[:n])
+            grad_input = grad.addcmul_(P[:, :n], coef[:, 1:2], value=2.0).addcmul_(
+                W_c[:, :n], coef[:, 2:]
+            )
         return grad_input, None, None, None, None
 
 
@@ -509,7 +515,11 @@ class FactoredSphericalLoss(nn.Module):
         # the weight's update) even when the input needs no gradient.
         trigger = None
         if self._session.trainable and torch.is_grad_enabled():
-            trigger = torch.empty(0, device=rows.device, requires_grad=True)
+            trigger = self._session.trigger
+            if trigger is None or trigger.device != rows.device:
+                trigger = self._session.trigger = torch.empty(
+                    0, device=rows.device, requires_grad=True
+                )
         loss = _FactoredLossFunction.apply(rows, target_rows, valid, self, trigger)
         return loss.squeeze(0) if unbatched and self.reduction == "none" else loss
 
