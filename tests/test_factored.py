@@ -70,6 +70,7 @@ def train_both(
     the losses and input gradients seen at any step, after checking the final weights.
     """
     member, reduction = layer.member, layer.reduction
+    device = layer.V.device  # the dense reference stays where it is (the CPU)
     opt = FactoredSGD(layer, lr=lr, weight_decay=weight_decay)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=lr, weight_decay=weight_decay)
     schedulers = [StepLR(o, step_size=40, gamma=0.8) for o in (opt, dense_opt)] if schedule else []
@@ -83,26 +84,26 @@ def train_both(
         if feature_scale is not None:
             h = h * feature_scale
         target = torch.randint(0, high, (batch,), generator=gen)
-        h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+        h1, h2 = h.to(device, copy=True).requires_grad_(), h.clone().requires_grad_()
         opt.zero_grad()
         dense_opt.zero_grad()
-        loss = layer(h1, target)
+        loss = layer(h1, target.to(device))
         dense = sl.spherical_loss(linear(h2), target, member, reduction=reduction)
         if reduction == "none":
             weights = torch.rand(batch, generator=gen, dtype=h.dtype)
-            (loss * weights).sum().backward()
+            (loss * weights.to(device)).sum().backward()
             (dense * weights).sum().backward()
         else:
             loss.backward()
             dense.backward()
-        worst = max(worst, rel(loss, dense), rel(h1.grad, h2.grad))
+        worst = max(worst, rel(loss.cpu(), dense), rel(h1.grad.cpu(), h2.grad))
         opt.step()
         dense_opt.step()
         for scheduler in schedulers:
             scheduler.step()
-    assert rel(layer.weight, linear.weight) <= 1e-9
+    assert rel(layer.weight.cpu(), linear.weight) <= 1e-9
     if linear.bias is not None:
-        assert rel(layer.bias, linear.bias) <= 1e-9
+        assert rel(layer.bias.cpu(), linear.bias) <= 1e-9
     return worst
 
 
@@ -696,6 +697,33 @@ def test_non_finite_gradient_is_not_applied() -> None:
     with pytest.raises(RuntimeError, match="not finite"):
         opt.step()
     assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", ["m > d", "m < d"])
+@pytest.mark.parametrize("member", MEMBERS)
+def test_cuda_float64_matches_dense_sgd(member: str, shape: str) -> None:
+    # The factored layer on the GPU against the dense layer and torch.optim.SGD on the CPU.
+    in_features, batch = (5, 12) if shape == "m > d" else (24, 6)
+    linear, layer = make_pair(member, 50, in_features)
+    layer = layer.cuda()
+    worst = train_both(linear, layer, 200, LR[member], batch=batch, weight_decay=0.01)
+    assert worst <= 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_log_prob_and_topk_match_cpu() -> None:
+    _, layer = make_pair("taylor", 300, 16)
+    cuda_layer = copy.deepcopy(layer).cuda()
+    h, target = torch.randn(20, 16, dtype=F64), torch.randint(0, 300, (20,))
+    assert (
+        rel(cuda_layer.log_prob(h.cuda(), target.cuda()).cpu(), layer.log_prob(h, target)) <= 1e-12
+    )
+    for by in ("logit", "probability"):
+        values, indices = cuda_layer.topk(h.cuda(), 5, chunk_size=70, by=by)
+        expected_values, expected_indices = layer.topk(h, 5, chunk_size=70, by=by)
+        assert torch.equal(indices.cpu(), expected_indices)
+        assert rel(values.cpu(), expected_values) <= 1e-12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
