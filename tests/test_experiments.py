@@ -194,7 +194,7 @@ def test_compare_skips_finished_resumes_interrupted_and_reports(
         for seed in (0, 1):
             assert (tmp_path / f"mnist/{loss}/seed-{seed}/final.json").exists()
     report = (tmp_path / "mnist" / "report.md").read_text()
-    assert "| log_softmax | dense | cpu | 2 | 1 |" in report and "0.812" in report
+    assert "| log_softmax | dense | cpu | 2 | 0 | 1 |" in report and "0.812" in report
     assert " ± " in report
     for name in ("report.csv", "curves.png", "final.png"):
         assert (tmp_path / "mnist" / name).stat().st_size > 0
@@ -214,6 +214,20 @@ def test_compare_reports_a_crashed_run_and_keeps_the_others(
     assert json.loads((tmp_path / "mnist/mse/seed-0/final.json").read_text())["loss"] == "mse"
 
 
+def test_diverged_run_stops_and_is_reported(mnist_dir: Path, tmp_path: Path) -> None:
+    # Squared error at a learning rate far too large: the loss overflows in the first epoch.
+    common = [*MNIST_FAST, "--loss", "mse", "--epochs", "3", "--lr", "1000", "--data-dir"]
+    result = run_cli("train", *common, str(mnist_dir), "--out", str(tmp_path))
+    assert result.returncode == 0
+    assert "training diverged" in result.stderr and "epoch 1" in result.stderr
+    folder = tmp_path / "mnist" / "mse" / "seed-0"
+    final = json.loads((folder / "final.json").read_text())
+    assert final["diverged_at_epoch"] == 1 and final["epochs_run"] == 1 and final["epochs"] == 3
+    assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
+    text, _ = write_report(tmp_path / "mnist")
+    assert "| mse | dense | cpu | 1 | 1 | 3 |" in text.read_text()
+
+
 def test_report_mean_and_std(tmp_path: Path) -> None:
     for seed, err in enumerate([1.0, 2.0, 4.0]):
         folder = tmp_path / "mnist" / "taylor" / f"seed-{seed}"
@@ -227,9 +241,9 @@ def test_report_mean_and_std(tmp_path: Path) -> None:
         (folder / "metrics.csv").write_text(f"epoch,test_error\n1,{err + 1}\n2,{err}\n")
     md, csv = write_report(tmp_path / "mnist")
     text = md.read_text()
-    assert f"| taylor | dense | cpu | 3 | 2 | 2.33 ± {np.std([1, 2, 4], ddof=1):.2f} |" in text
+    assert f"| taylor | dense | cpu | 3 | 0 | 2 | 2.33 ± {np.std([1, 2, 4], ddof=1):.2f} |" in text
     assert "0.785" in text  # the paper's figure beside ours
-    assert csv.read_text().splitlines()[1].startswith("mnist,cpu,taylor,dense,3,2,")
+    assert csv.read_text().splitlines()[1].startswith("mnist,cpu,taylor,dense,3,0,2,")
     with pytest.raises(ValueError, match="no finished runs"):
         write_report(tmp_path / "empty")
 

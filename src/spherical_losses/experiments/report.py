@@ -40,6 +40,15 @@ def _number(text: str) -> Any:
         return text
 
 
+def _diverged(run: dict[str, Any]) -> bool:
+    """Whether the run's training diverged (runs before ``diverged_at_epoch`` existed: a
+    non-finite test metric).
+    """
+    if run.get("diverged_at_epoch") is not None:
+        return True
+    return any(isinstance(v, float) and not math.isfinite(v) for v in run["metrics"].values())
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
@@ -70,6 +79,7 @@ def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]
             "loss": spec,
             "output": output,
             "seeds": len(members),
+            "diverged": sum(_diverged(r) for r in members),
             "epochs": members[0]["epochs"],
         }
         for name in metric_names:
@@ -113,11 +123,11 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         cols = [headline, *others]
         out.append(f"### {task}\n")
         out.append(
-            "| loss | output | profile | seeds | epochs | "
+            "| loss | output | profile | seeds | diverged | epochs | "
             + " | ".join(c.replace("_", " ") + (unit if "error" in c else "") for c in cols)
             + " | paper |"
         )
-        out.append("|" + "---|" * (6 + len(cols)))
+        out.append("|" + "---|" * (7 + len(cols)))
         for r in mine:
             digits = 1 if "perplexity" in headline else 2
             cells = [
@@ -126,13 +136,13 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             ]
             paper = "—" if r["paper"] is None else f"{r['paper']}"
             out.append(
-                f"| {r['loss']} | {r['output']} | {r['profile']} | {r['seeds']} | {r['epochs']} | "
-                + " | ".join(cells)
-                + f" | {paper} |"
+                f"| {r['loss']} | {r['output']} | {r['profile']} | {r['seeds']} | {r['diverged']} "
+                f"| {r['epochs']} | " + " | ".join(cells) + f" | {paper} |"
             )
         out.append(
-            "\nmean ± sample standard deviation over seeds; the paper's figures are single runs "
-            "of its own (larger) models.\n"
+            "\nmean ± sample standard deviation over seeds (diverged: seeds whose training "
+            "loss stopped being finite; their figures are those of the diverged model); the "
+            "paper's figures are single runs of its own (larger) models.\n"
         )
     return "\n".join(out)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -379,7 +380,10 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
         _write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
 
     quiet = config.quiet or rank != 0
-    for epoch in range(start, settings.epochs):
+    # A run whose training loss stopped being finite cannot recover: it ends there, and its
+    # final.json says so (a resumed one too).
+    diverged = next((r["epoch"] for r in history if not math.isfinite(r["train_loss"])), None)
+    for epoch in range(start if diverged is None else settings.epochs, settings.epochs):
         t0 = time.perf_counter()
         total, count, seen = 0.0, 0, 0
         state = None
@@ -438,8 +442,22 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
             if not quiet:
                 shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("valid", "test"))}
                 print(f"epoch {epoch + 1}/{settings.epochs} {shown}", flush=True)
-        if world > 1:
+        finite = math.isfinite(total)
+        if world > 1:  # every process stops together
+            flag = torch.tensor([0.0 if finite else 1.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = flag.item() == 0.0
             dist.barrier()
+        if not finite:
+            diverged = epoch + 1
+            if rank == 0:
+                print(
+                    f"{config.task} {config.loss_spec()}: training diverged (the training loss "
+                    f"is not finite) in epoch {diverged}; stopping the run there",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            break
 
     final = {
         "task": config.task,
@@ -451,6 +469,8 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
         "profile": config.profile,
         "epochs": settings.epochs,
         "world_size": world,
+        "epochs_run": len(history),
+        "diverged_at_epoch": diverged,
         "train_seconds": round(sum(r["train_seconds"] for r in history), 1),
         "metrics": {k: v for k, v in history[-1].items() if k.startswith(("valid", "test"))},
     }
