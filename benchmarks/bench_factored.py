@@ -13,10 +13,12 @@ the update of the layer's weight, for a minibatch of ``m`` examples:
 
 Targets follow a Zipf law over the classes (``p_k ∝ 1/(k+1)``, like word frequencies), which is
 what the adaptive softmax's head/tail split is designed for. Each (method, size) runs in its own
-subprocess, for a clean peak-memory measurement (``ru_maxrss`` above its level after two steps
-of a tiny instance of the method) and no allocator state shared between methods. Times are
-medians over at least ``--repeats`` steps and ``--min-time`` seconds, after a warm-up,
-float32.
+subprocess, for a clean peak-memory measurement (``ru_maxrss``, or on a GPU the allocator's
+peak, above its level after two steps of a tiny instance of the method) and no allocator state
+shared between methods. Each method is timed in ``--rounds`` rounds interleaved with the
+factored layer (one block of each per round, alternating which goes first), and its ratio to
+the factored layer is the median over rounds of the two blocks' median steps: on a shared,
+noisy machine a slow-down during a round hits both sides of that round's ratio. Float32.
 
 The factored layer's repairs are data-driven, not periodic: a step multiplies the bound on the
 condition number of ``U`` by ``(a+ρ)/(a−ρ)``; when the bound exceeds ``max_condition`` the
@@ -60,6 +62,7 @@ import spherical_losses as sl
 METHODS = ("dense", "factored", "linear_ce", "linear_ce_chunked", "adaptive")
 FULL_SIZES = "10000:128,10000:512,100000:128,100000:512,793471:128,793471:512"
 QUICK_SIZES = "2000:32,10000:128"
+CPU = torch.device("cpu")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -83,10 +86,12 @@ def zipf_targets(num_classes: int, count: int, gen: torch.Generator) -> torch.Te
 # one method at one size (run in a subprocess)
 
 
-def build_step(method: str, num_classes: int, in_features: int, loss: str, lr: float):
+def build_step(
+    method: str, num_classes: int, in_features: int, loss: str, lr: float, device: torch.device
+):
     """The step function of ``method``, and the layer (for the factored extras)."""
     if method == "dense":
-        layer = nn.Linear(in_features, num_classes)
+        layer = nn.Linear(in_features, num_classes, device=device)
         opt = torch.optim.SGD(layer.parameters(), lr=lr)
         member = sl.get_member(loss)
 
@@ -96,7 +101,7 @@ def build_step(method: str, num_classes: int, in_features: int, loss: str, lr: f
             opt.step()
 
     elif method == "factored":
-        layer = sl.FactoredSphericalLoss(in_features, num_classes, loss)
+        layer = sl.FactoredSphericalLoss(in_features, num_classes, loss).to(device)
         opt = sl.FactoredSGD(layer, lr=lr)
 
         def step(h: torch.Tensor, target: torch.Tensor) -> None:
@@ -105,7 +110,7 @@ def build_step(method: str, num_classes: int, in_features: int, loss: str, lr: f
             opt.step()
 
     elif method in ("linear_ce", "linear_ce_chunked"):
-        layer = nn.Linear(in_features, num_classes)
+        layer = nn.Linear(in_features, num_classes, device=device)
         opt = torch.optim.SGD(layer.parameters(), lr=lr)
         options = nn.LinearCrossEntropyOptions() if method == "linear_ce_chunked" else None
 
@@ -119,7 +124,7 @@ def build_step(method: str, num_classes: int, in_features: int, loss: str, lr: f
     elif method == "adaptive":
         layer = nn.AdaptiveLogSoftmaxWithLoss(
             in_features, num_classes, adaptive_cutoffs(num_classes), div_value=4.0
-        )
+        ).to(device)
         opt = torch.optim.SGD(layer.parameters(), lr=lr)
 
         def step(h: torch.Tensor, target: torch.Tensor) -> None:
@@ -132,76 +137,114 @@ def build_step(method: str, num_classes: int, in_features: int, loss: str, lr: f
     return step, layer
 
 
-def median_time(fn, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats: int, device: torch.device = CPU) -> float:
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # The baseline includes what the method needs at any size (code paths, thread pools and
-    # BLAS buffers): two steps of a tiny instance first.
-    tiny_step, _ = build_step(args.method, 64, 8, args.loss, args.lr)
-    tiny_gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        tiny_step(
-            torch.randn(args.batch, 8, requires_grad=True), zipf_targets(64, args.batch, tiny_gen)
-        )
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    num_classes, in_features, batch = args.num_classes, args.in_features, args.batch
-    # A pool of minibatches, cycled: the cheap methods run many steps (see --min-time).
-    pool = 32
-    inputs = [torch.randn(batch, in_features, generator=gen) for _ in range(pool)]
-    targets = [zipf_targets(num_classes, batch, gen) for _ in range(pool)]
-    step, layer = build_step(args.method, num_classes, in_features, args.loss, args.lr)
+class Worker:
+    """One method at one size, in its own process; the driver sends it timing blocks."""
 
-    # Warm-up: at least --warmup steps and a quarter of --min-time (allocator caches, work
-    # buffers, thread pools); then at least --repeats timed steps and --min-time seconds, so
-    # a millisecond step is a median over hundreds of steps, not a handful.
-    times, log_bounds = [], []
-    i, started, timing = 0, time.perf_counter(), False
-    while True:
-        if not timing and i >= args.warmup and time.perf_counter() - started >= args.min_time / 4:
-            timing, started, i = True, time.perf_counter(), 0
-        if timing and i >= args.repeats and time.perf_counter() - started >= args.min_time:
-            break
-        h = inputs[i % pool].requires_grad_()
-        h.grad = None
-        start = time.perf_counter()
-        step(h, targets[i % pool])
-        elapsed = time.perf_counter() - start
-        if timing:
-            times.append(elapsed)
-        if args.method == "factored":
-            hi, lo = layer._session.sigma  # bounds on U's singular values (repair estimate)
-            log_bounds.append(math.log(hi / lo))
-        i += 1
-    result = {
-        "method": args.method,
-        "num_classes": num_classes,
-        "in_features": in_features,
-        "median_s": statistics.median(times),
-        "steps": len(times),
-        "mean_s": statistics.fmean(times),
-        "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024,
-    }
-    if args.method == "factored":
-        growth = [b - a for a, b in itertools.pairwise(log_bounds) if b >= a]
-        d = layer.U.shape[0]
-        result.update(
-            bound_growth=statistics.fmean(growth) if growth else 0.0,
-            check_s=median_time(lambda: torch.linalg.svdvals(layer.U), 3),
-            repair_s=median_time(layer.repair, 2),
-            woodbury=4 * batch * d * d + 14 * batch * batch * d + batch**3 < 10 * d**3,
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.device = device = torch.device(args.device)
+        # The baseline includes what the method needs at any size (code paths, thread pools,
+        # BLAS buffers, the CUDA context): two steps of a tiny instance first.
+        tiny_step, _ = build_step(args.method, 64, 8, args.loss, args.lr, device)
+        tiny_gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            tiny_step(
+                torch.randn(args.batch, 8, device=device, requires_grad=True),
+                zipf_targets(64, args.batch, tiny_gen).to(device),
+            )
+        synchronize(device)
+        if device.type == "cuda":
+            self.baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        num_classes, in_features, batch = args.num_classes, args.in_features, args.batch
+        # A pool of minibatches, cycled: the cheap methods run many steps per block.
+        self.pool = 32
+        self.inputs = [
+            torch.randn(batch, in_features, generator=gen).to(device) for _ in range(self.pool)
+        ]
+        self.targets = [zipf_targets(num_classes, batch, gen).to(device) for _ in range(self.pool)]
+        self.step, self.layer = build_step(
+            args.method, num_classes, in_features, args.loss, args.lr, device
         )
-    return result
+        self.count = 0
+        self.log_bounds: list[float] = []
+        # Warm-up: at least --warmup steps and a quarter of --min-time (allocator caches, work
+        # buffers, thread pools).
+        self.run_block(args.min_time / 4, args.warmup)
+
+    def run_block(self, seconds: float, min_steps: int) -> list[float]:
+        """Steps for at least ``seconds`` and ``min_steps``; the time of each."""
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < min_steps or time.perf_counter() - started < seconds:
+            i = self.count % self.pool
+            h = self.inputs[i].requires_grad_()
+            h.grad = None
+            synchronize(self.device)
+            start = time.perf_counter()
+            self.step(h, self.targets[i])
+            synchronize(self.device)
+            times.append(time.perf_counter() - start)
+            if self.args.method == "factored":
+                hi, lo = self.layer._session.sigma  # bounds on U's singular values
+                self.log_bounds.append(math.log(hi / lo))
+            self.count += 1
+        return times
+
+    def finish(self) -> dict:
+        device = self.device
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - self.baseline
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+        result: dict = {"peak_mb": peak / 2**20}
+        if self.args.method == "factored":
+            layer = self.layer
+            growth = [b - a for a, b in itertools.pairwise(self.log_bounds) if b >= a]
+            d, m = layer.U.shape[0], self.args.batch
+            result.update(
+                bound_growth=statistics.fmean(growth) if growth else 0.0,
+                check_s=median_time(lambda: torch.linalg.svdvals(layer.U), 3, device),
+                repair_s=median_time(layer.repair, 2, device),
+                woodbury=4 * m * d * d + 14 * m * m * d + m**3 < 10 * d**3,
+            )
+        return result
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The worker's loop: ``block SECONDS STEPS`` times a block, ``finish`` ends."""
+    worker = Worker(args)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "block":
+            times = worker.run_block(float(rest[0]), int(rest[1]))
+            print(json.dumps({"times": times}), flush=True)
+        elif command == "finish":
+            print(json.dumps(worker.finish()), flush=True)
+            return
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,61 +263,141 @@ def factored_flops(batch: int, d: int, woodbury: bool) -> float:
     return 2.0 * madds
 
 
-def matmul_rate(batch: int, d: int, repeats: int = 20) -> dict[str, float]:
+def matmul_rate(batch: int, d: int, device: torch.device, repeats: int = 20) -> dict[str, float]:
     """GFLOP/s of float32 (m×d)@(d×d) and (d×d)@(d×d) products on this machine."""
     rates = {}
     for name, (rows, inner) in {"m_d_d": (batch, d), "d_d_d": (d, d)}.items():
-        a, b = torch.randn(rows, inner), torch.randn(inner, d)
+        a = torch.randn(rows, inner, device=device)
+        b = torch.randn(inner, d, device=device)
         for _ in range(3):
             a @ b
-        seconds = median_time(lambda a=a, b=b: a @ b, repeats)
+        # Many products per timing on a GPU, where one takes microseconds.
+        count = 100 if device.type == "cuda" else 1
+
+        def product(a: torch.Tensor = a, b: torch.Tensor = b, count: int = count) -> None:
+            for _ in range(count):
+                a @ b
+
+        seconds = median_time(product, repeats, device) / count
         rates[name] = 2.0 * rows * inner * d / seconds / 1e9
     return rates
 
 
-def run_one(args: argparse.Namespace, method: str, num_classes: int, in_features: int) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        method,
-        "--num-classes",
-        str(num_classes),
-        "--in-features",
-        str(in_features),
-        "--batch",
-        str(args.batch),
-        "--warmup",
-        str(args.warmup),
-        "--repeats",
-        str(args.repeats),
-        "--min-time",
-        str(args.min_time),
-        "--loss",
-        args.loss,
-        "--lr",
-        str(args.lr),
-    ]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"method": method, "error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class WorkerProcess:
+    """A :class:`Worker` in a subprocess (a clean peak-memory measurement per method)."""
+
+    def __init__(self, args: argparse.Namespace, method: str, num_classes: int, d: int) -> None:
+        command = [sys.executable, __file__, "--worker", method]
+        command += ["--num-classes", str(num_classes), "--in-features", str(d)]
+        command += ["--batch", str(args.batch), "--warmup", str(args.warmup)]
+        command += ["--min-time", str(args.min_time), "--loss", args.loss, "--lr", str(args.lr)]
+        command += ["--device", args.device, "--threads", str(args.threads)]
+        self.method = method
+        pipe = subprocess.PIPE
+        self.process = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, text=True)
+        self.error: list[str] | None = None
+        self._read()
+
+    def _read(self) -> dict | None:
+        if self.error is None:
+            line = self.process.stdout.readline()
+            if line:
+                return json.loads(line)
+            self.process.wait()
+            self.error = self.process.stderr.read().strip().splitlines()[-1:]
+        return None
+
+    def block(self, seconds: float, steps: int) -> list[float] | None:
+        if self.error is None:
+            self.process.stdin.write(f"block {seconds} {steps}\n")
+            self.process.stdin.flush()
+            reply = self._read()
+            return reply["times"] if reply else None
+        return None
+
+    def finish(self) -> dict:
+        result = None
+        if self.error is None:
+            self.process.stdin.write("finish\n")
+            self.process.stdin.flush()
+            result = self._read()
+        self.process.stdin.close()
+        self.process.wait()
+        return {"error": self.error} if result is None else result
+
+
+def run_size(args: argparse.Namespace, methods: list[str], num_classes: int, d: int) -> list:
+    """Every method at one size, each timed in rounds interleaved with the factored layer.
+
+    For each other method, its worker and the factored layer's run ``--rounds`` rounds of one
+    block each (at least ``--min-time / --rounds`` seconds and 2 steps), alternating which goes
+    first; the method's time relative to the factored layer's is the median over rounds of
+    the ratio of the two blocks' median steps. A slow-down of the machine during a round hits
+    both sides of its ratio.
+    """
+    block = args.min_time / args.rounds
+    others = [m for m in methods if m != "factored"]
+    factored = WorkerProcess(args, "factored", num_classes, d) if "factored" in methods else None
+    results: dict[str, dict] = {}
+    factored_times: list[float] = []
+    for method in others:
+        worker = WorkerProcess(args, method, num_classes, d)
+        own, ratios = [], []
+        for r in range(args.rounds):
+            pair = [worker, factored] if r % 2 == 0 else [factored, worker]
+            blocks = {w.method: w.block(block, 2) for w in pair if w is not None}
+            if blocks.get(method):
+                own += blocks[method]
+            if blocks.get("factored"):
+                factored_times += blocks["factored"]
+                if blocks.get(method):
+                    ratios.append(
+                        statistics.median(blocks[method]) / statistics.median(blocks["factored"])
+                    )
+        result = worker.finish()
+        if own:
+            result.update(median_s=statistics.median(own), steps=len(own))
+        if ratios:
+            result["ratio"] = statistics.median(ratios)
+        results[method] = {"method": method, **result}
+        report(num_classes, d, results[method])
+    if factored is not None:
+        if not others:  # the factored layer alone: its own rounds
+            for _ in range(args.rounds):
+                factored_times += factored.block(block, 2) or []
+        result = factored.finish()
+        if factored_times:
+            result.update(median_s=statistics.median(factored_times), steps=len(factored_times))
+        results["factored"] = {"method": "factored", **result}
+        report(num_classes, d, results["factored"])
+    return [results[m] for m in methods if m in results]
+
+
+def report(num_classes: int, d: int, result: dict) -> None:
+    shown = f"{result['median_s'] * 1e3:.3g} ms" if "median_s" in result else result
+    if "ratio" in result:
+        shown += f", {result['ratio']:.3g}x the factored layer"
+    print(f"D={num_classes} d={d} {result['method']}: {shown}", file=sys.stderr, flush=True)
 
 
 def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str:
     ms = lambda seconds: f"{seconds * 1e3:.3g}"  # noqa: E731
+    device = torch.device(args.device)
+    where = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "GPU"
     lines = [
-        "# Factored output layer: time of one training step (CPU, float32)",
+        f"# Factored output layer: time of one training step ({where}, float32)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"m = {args.batch}, loss = {args.loss!r}, lr = {args.lr}; median over at least "
-        f"{args.repeats} steps and {args.min_time:g} s of steps, after at least {args.warmup} "
-        f"warm-up steps and {args.min_time / 4:g} s; Zipf targets. Adaptive softmax cutoffs: 2% "
-        "and 10% of the classes, div_value 4. `F.linear_cross_entropy` is softmax "
-        "cross-entropy (reference path; 'chunked' with `LinearCrossEntropyOptions()`).",
+        f"Machine: {platform.processor() or platform.machine()}, {threads}, "
+        f"torch {torch.__version__}. m = {args.batch}, loss = {args.loss!r}, lr = {args.lr}. "
+        f"Each method runs in its own process, interleaved with the factored layer's: "
+        f"{args.rounds} rounds of one block each (at least {args.min_time / args.rounds:g} s "
+        "and 2 steps), alternating which goes first, after at least "
+        f"{args.warmup} warm-up steps and {args.min_time / 4:g} s. A time is the median step "
+        "over all of a method's blocks; a ratio is the median over rounds of the two blocks' "
+        "median steps. Zipf targets. Adaptive softmax cutoffs: 2% and 10% of the classes, "
+        "div_value 4. `F.linear_cross_entropy` is softmax cross-entropy (reference path; "
+        "'chunked' with `LinearCrossEntropyOptions()`).",
         "",
         "Time per step (ms) and each method's time relative to the factored layer's "
         "(amortized: median plus an upper bound on the share of checks and repairs):",
@@ -313,7 +436,7 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
         ideal = num_classes / (4 * in_features)
         for method in ("dense", "linear_ce", "linear_ce_chunked", "adaptive"):
             r = get.get(method, {})
-            ratio = r["median_s"] / amortized if "median_s" in r and t_fact else None
+            ratio = r["ratio"] * t_fact / amortized if "ratio" in r and t_fact else None
             cells.append(f"{ratio:.1f}" if ratio else "–")
             if method == "dense":
                 cells.append(f"{ideal:.1f}")
@@ -380,14 +503,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}")
     parser.add_argument("--batch", type=int, default=128, help="m, examples per step")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default 3, quick 2)")
-    parser.add_argument("--repeats", type=int, help="timed steps (default 10, quick 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument(
-        "--min-time", type=float, default=1.0, help="seconds of timed steps, at least (default 1)"
+        "--min-time",
+        type=float,
+        default=1.0,
+        help="seconds of timed steps per method and pairing, at least (default 1)",
     )
     parser.add_argument("--loss", default="taylor", help="spherical member of dense/factored")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--out", default="benchmarks/results/factored_cpu.md")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
@@ -396,28 +523,21 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         args.method = args.worker
-        print(json.dumps(run_worker(args)))
+        serve(args)
         return
     if args.quick:
         args.sizes = QUICK_SIZES
     if args.warmup is None:
         args.warmup = 2 if args.quick else 3
-    if args.repeats is None:
-        args.repeats = 5 if args.quick else 10
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     sizes = parse_sizes(args.sizes)
-    rates = {d: matmul_rate(args.batch, d + 1) for d in sorted({d for _, d in sizes})}
+    device = torch.device(args.device)
+    rates = {d: matmul_rate(args.batch, d + 1, device) for d in sorted({d for _, d in sizes})}
     rows = []
     for num_classes, in_features in sizes:
-        results = []
-        for method in methods:
-            result = run_one(args, method, num_classes, in_features)
-            results.append(result)
-            shown = f"{result['median_s'] * 1e3:.3g} ms" if "median_s" in result else result
-            print(f"D={num_classes} d={in_features} {method}: {shown}", file=sys.stderr)
-        rows.append(((num_classes, in_features), results))
+        rows.append(((num_classes, in_features), run_size(args, methods, num_classes, in_features)))
     table = format_table(rows, args, rates)
     print(table)
     out = Path(args.out)
