@@ -114,6 +114,7 @@ class _Session:
         "cast_cache",
         "consumed",
         "last_update",
+        "ones",
         "optimizer_ref",
         "pending",
         "sigma",
@@ -136,6 +137,7 @@ class _Session:
         self.cast_cache: tuple[tuple[Any, ...], _Cast] | None = None
         self.workspace: _Workspace | None = None
         self.trigger: Tensor | None = None  # the zero-size leaf of the forward (see there)
+        self.ones: Tensor | None = None  # a column of ones, for the bias column of H
 
     def detached(self) -> _Session:
         """A copy without the training session (optimizer, pending update) and the caches."""
@@ -743,7 +745,20 @@ class FactoredSphericalLoss(nn.Module):
 
     def _augment(self, rows: Tensor) -> Tensor:
         """``H``: the rows with a constant 1 appended when the layer has a bias."""
-        return nn.functional.pad(rows, (0, 1), value=1.0) if self.has_bias else rows
+        if not self.has_bias:
+            return rows
+        # One concatenation with a kept column of ones (cheaper than a padding, which fills).
+        ones = self._session.ones
+        m = rows.shape[0]
+        if (
+            ones is None
+            or ones.shape[0] < m
+            or ones.dtype != rows.dtype
+            or ones.device != rows.device
+        ):
+            with torch.inference_mode(False):
+                ones = self._session.ones = rows.new_ones(max(m, 1), 1)
+        return torch.cat([rows, ones[:m]], dim=1)
 
     # ----------------------------------------------------------------------------------------
     # internals: the factored weight
