@@ -226,6 +226,12 @@ def test_diverged_run_stops_and_is_reported(mnist_dir: Path, tmp_path: Path) -> 
     assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
     text, _ = write_report(tmp_path / "mnist")
     assert "| mse | dense | cpu | 1 | 1 | 3 |" in text.read_text()
+    # a second diverged seed: the mean of two nan losses is nan, not a crash
+    result = run_cli("train", *common, str(mnist_dir), "--out", str(tmp_path), "--seed", "1")
+    assert result.returncode == 0
+    text, _ = write_report(tmp_path / "mnist")
+    assert "| mse | dense | cpu | 2 | 2 | 3 |" in text.read_text()
+    assert "| nan |" in text.read_text()
 
 
 def test_report_mean_and_std(tmp_path: Path) -> None:

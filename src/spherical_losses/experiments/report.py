@@ -50,8 +50,13 @@ def _diverged(run: dict[str, Any]) -> bool:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; with a non-finite value (a diverged run's loss),
+    the mean is that value and the deviation undefined (nan).
+    """
     mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return mean, math.nan
+    return mean, statistics.stdev(values)
 
 
 def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]:
