@@ -50,6 +50,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -294,7 +295,11 @@ class WorkerProcess:
         command += ["--device", args.device, "--threads", str(args.threads)]
         self.method = method
         pipe = subprocess.PIPE
-        self.process = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, text=True)
+        # stderr to a file: a pipe nobody reads until the end could fill and block the worker.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            command, stdin=pipe, stdout=pipe, stderr=self.stderr, text=True
+        )
         self.error: list[str] | None = None
         self._read()
 
@@ -304,7 +309,8 @@ class WorkerProcess:
             if line:
                 return json.loads(line)
             self.process.wait()
-            self.error = self.process.stderr.read().strip().splitlines()[-1:]
+            self.stderr.seek(0)
+            self.error = self.stderr.read().strip().splitlines()[-1:]
         return None
 
     def block(self, seconds: float, steps: int) -> list[float] | None:
