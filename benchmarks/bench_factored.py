@@ -355,7 +355,7 @@ def run_size(args: argparse.Namespace, methods: list[str], num_classes: int, d: 
             for w in pair:
                 if w is not None:
                     # A pause first: the other process's threads stop spinning, its caches cool.
-                    time.sleep(0.05)
+                    time.sleep(args.pause)
                     blocks[w.method] = w.block(block, 2)
             if blocks.get(method):
                 own += blocks[method]
@@ -521,7 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}")
     parser.add_argument("--batch", type=int, default=128, help="m, examples per step")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default 3, quick 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
+    parser.add_argument(
+        "--pause", type=float, default=0.05, help="seconds between blocks (default 0.05)"
+    )
     parser.add_argument(
         "--min-time",
         type=float,
