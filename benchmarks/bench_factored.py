@@ -403,7 +403,7 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
         f"Machine: {platform.processor() or platform.machine()}, {threads}, "
         f"torch {torch.__version__}. m = {args.batch}, loss = {args.loss!r}, lr = {args.lr}. "
         f"Each method runs in its own process, interleaved with the factored layer's: "
-        f"{args.rounds} rounds of one block each (at least {args.min_time / args.rounds:g} s "
+        f"{args.rounds} rounds of one block each (at least {args.min_time / args.rounds:.2g} s "
         "and 2 steps), alternating which goes first, after at least "
         f"{args.warmup} warm-up steps and {args.min_time / 4:g} s. A time is the median step "
         "over all of a method's blocks; a ratio is the median over rounds of the two blocks' "
