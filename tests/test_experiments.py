@@ -234,24 +234,43 @@ def test_diverged_run_stops_and_is_reported(mnist_dir: Path, tmp_path: Path) -> 
     assert "| nan |" in text.read_text()
 
 
-def test_report_mean_and_std(tmp_path: Path) -> None:
-    for seed, err in enumerate([1.0, 2.0, 4.0]):
-        folder = tmp_path / "mnist" / "taylor" / f"seed-{seed}"
+def _write_finished(root: Path, loss: str, errors: list[float]) -> None:
+    for seed, err in enumerate(errors):
+        folder = root / "mnist" / loss / f"seed-{seed}"
         folder.mkdir(parents=True)
         final = {
-            "task": "mnist", "loss": "taylor", "loss_options": {}, "loss_spec": "taylor",
+            "task": "mnist", "loss": loss, "loss_options": {}, "loss_spec": loss,
             "output": "dense", "seed": seed, "profile": "cpu", "epochs": 2,
             "metrics": {"test_error": err, "test_loss": 0.1},
         }  # fmt: skip
         (folder / "final.json").write_text(json.dumps(final))
         (folder / "metrics.csv").write_text(f"epoch,test_error\n1,{err + 1}\n2,{err}\n")
+
+
+def test_report_mean_and_std(tmp_path: Path) -> None:
+    _write_finished(tmp_path, "taylor", [1.0, 2.0, 4.0])
     md, csv = write_report(tmp_path / "mnist")
     text = md.read_text()
     assert f"| taylor | dense | cpu | 3 | 0 | 2 | 2.33 ± {np.std([1, 2, 4], ddof=1):.2f} |" in text
     assert "0.785" in text  # the paper's figure beside ours
     assert csv.read_text().splitlines()[1].startswith("mnist,cpu,taylor,dense,3,0,2,")
+    assert text.rstrip().splitlines()[4].endswith("| 0.785 | — |")  # no log-softmax to compare
     with pytest.raises(ValueError, match="no finished runs"):
         write_report(tmp_path / "empty")
+
+
+def test_report_compares_each_loss_with_log_softmax(tmp_path: Path) -> None:
+    _write_finished(tmp_path, "log_softmax", [1.0, 2.0, 3.0])
+    _write_finished(tmp_path, "taylor", [2.0, 3.0, 4.0])
+    _write_finished(tmp_path, "z_loss", [5.0])  # one seed: no comparison
+    md, csv = write_report(tmp_path / "mnist")
+    # Welch: difference 1, standard error sqrt(1/3 + 1/3), df = 4.
+    t = 1.0 / math.sqrt(2.0 / 3.0)
+    lines = {line.split(" | ")[0]: line for line in md.read_text().splitlines()}
+    assert lines["| taylor"].endswith(f"| +1.00 (t = {t:.2f}, df = 4.0) |")
+    assert lines["| log_softmax"].endswith("| — |") and lines["| z_loss"].endswith("| — |")
+    rows = {row.split(",")[2]: row.split(",") for row in csv.read_text().splitlines()[1:]}
+    assert float(rows["taylor"][-2]) == pytest.approx(t) and float(rows["taylor"][-1]) == 4.0
 
 
 @pytest.mark.parametrize("loss", ["log_softmax", "taylor", "spherical", "softmax_bound", "z_loss"])

@@ -59,6 +59,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values)
 
 
+def _welch(x: list[float], base: list[float]) -> tuple[float, float, float] | None:
+    """Difference of the means of ``x`` and ``base``, Welch's t and its degrees of freedom
+    (Welch–Satterthwaite); ``None`` when undefined (fewer than 2 values, a non-finite value,
+    no spread at all).
+    """
+    if len(x) < 2 or len(base) < 2 or not all(math.isfinite(v) for v in x + base):
+        return None
+    vx, vb = statistics.variance(x) / len(x), statistics.variance(base) / len(base)
+    if vx + vb == 0:
+        return None
+    diff = statistics.fmean(x) - statistics.fmean(base)
+    df = (vx + vb) ** 2 / (vx**2 / (len(x) - 1) + vb**2 / (len(base) - 1))
+    return diff, diff / math.sqrt(vx + vb), df
+
+
 def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]:
     """Writes ``report.md``, ``report.csv``, ``curves.png`` and ``final.png``.
 
@@ -93,6 +108,16 @@ def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]
         paper = PAPER_RESULTS.get(task, {}).get(spec) if output == "dense" else None
         row["paper"] = paper
         row["headline"] = _headline(task)
+        # Against dense log-softmax of the same task and profile, on the headline metric.
+        headline = row["headline"]
+        baseline = groups.get((task, profile, "log_softmax", "dense"), [])
+        compared = None
+        if (spec, output) != ("log_softmax", "dense"):
+            compared = _welch(
+                [r["metrics"][headline] for r in members if headline in r["metrics"]],
+                [r["metrics"][headline] for r in baseline if headline in r["metrics"]],
+            )
+        row["vs_log_softmax"], row["welch_t"], row["welch_df"] = compared or (None, None, None)
         rows.append(row)
 
     md_path, csv_path = to / "report.md", to / "report.csv"
@@ -130,9 +155,9 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         out.append(
             "| loss | output | profile | seeds | diverged | epochs | "
             + " | ".join(c.replace("_", " ") + (unit if "error" in c else "") for c in cols)
-            + " | paper |"
+            + " | paper | vs log_softmax |"
         )
-        out.append("|" + "---|" * (7 + len(cols)))
+        out.append("|" + "---|" * (8 + len(cols)))
         for r in mine:
             digits = 1 if "perplexity" in headline else 2
             cells = [
@@ -140,14 +165,24 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
                 for c in cols
             ]
             paper = "—" if r["paper"] is None else f"{r['paper']}"
+            versus = "—"
+            if r["welch_t"] is not None:
+                versus = (
+                    f"{r['vs_log_softmax']:+.{digits}f} "
+                    f"(t = {r['welch_t']:.2f}, df = {r['welch_df']:.1f})"
+                )
             out.append(
                 f"| {r['loss']} | {r['output']} | {r['profile']} | {r['seeds']} | {r['diverged']} "
-                f"| {r['epochs']} | " + " | ".join(cells) + f" | {paper} |"
+                f"| {r['epochs']} | " + " | ".join(cells) + f" | {paper} | {versus} |"
             )
         out.append(
             "\nmean ± sample standard deviation over seeds (diverged: seeds whose training "
             "loss stopped being finite; their figures are those of the diverged model); the "
-            "paper's figures are single runs of its own (larger) models.\n"
+            "paper's figures are single runs of its own (larger) models. vs log_softmax: the "
+            f"difference of the {headline.replace('_', ' ')} means against dense log-softmax "
+            "of the same task and profile, with Welch's t and its degrees of freedom (at "
+            "4 degrees of freedom, a two-sided 5 % test needs |t| > 2.78); — where either "
+            "side has fewer than 2 seeds or a non-finite value.\n"
         )
     return "\n".join(out)
 
