@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spherical_losses import FactoredSGD, FactoredSphericalLoss, factored
+from spherical_losses.experiments.cli import _close_process_group
 
 D, IN, STEPS, LR, DECAY = 40, 6, 25, 0.3, 0.01
 
@@ -59,7 +60,7 @@ def _worker(
             Path(out) / f"rank{rank}.pt",
         )
     finally:
-        dist.destroy_process_group()
+        _close_process_group()  # destroy_process_group alone can abort this process at exit
 
 
 @pytest.mark.parametrize(
@@ -110,4 +111,13 @@ def test_single_process_group(tmp_path: Path) -> None:
         train(b, FactoredSGD(b, lr=LR), batches(7))
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-12, atol=0.0)
     finally:
-        dist.destroy_process_group()
+        _close_process_group()
+
+
+def test_process_group_must_be_a_process_group() -> None:
+    # e.g. the group's name, or a rank, where the group object belongs
+    layer = make_layer("taylor", "mean", seed=0)
+    for wrong, name in (("WORLD", "str"), (0, "int")):
+        message = rf"process_group must be a torch\.distributed ProcessGroup or None, got {name}"
+        with pytest.raises(ValueError, match=message):
+            FactoredSGD(layer, lr=LR, process_group=wrong)

@@ -1229,6 +1229,14 @@ class FactoredSGD(torch.optim.Optimizer):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (0.0 <= float(value) < math.inf):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+                raise ValueError(
+                    "process_group must be a torch.distributed ProcessGroup or None, got "
+                    f"{type(process_group).__name__}"
+                )
         # torch.optim.Optimizer wants tensors in its parameter group: a zero-size placeholder.
         # The step reaches the layer's state through self.layer (which .to() may have moved).
         placeholder = torch.empty(0, device=layer.V.device, dtype=layer.V.dtype)
