@@ -948,8 +948,8 @@ class FactoredSphericalLoss(nn.Module):
             L_hb, L_SR, L_W, _ = ws.L_blocks
             torch.mul(H, b, out=L_hb)
             if H.device.type == "cpu":
-                # diag(−ηγ) S R from R's rows summed over the targets' groups: a third of
-                # the time of the m × m product below at m = 128.
+                # diag(−ηγ) S R from R's rows summed over the targets' groups: on the CPU,
+                # less time than the m × m product below.
                 torch.mul(_same_target_sum(R, c), g_col, out=L_SR)
             else:
                 # diag(−ηγ) S R as (diag(−ηγ) S) R: one m × m product, which unlike the
