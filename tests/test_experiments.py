@@ -238,6 +238,20 @@ def test_diverged_run_stops_and_is_reported(mnist_dir: Path, tmp_path: Path) -> 
     assert "| nan |" in text.read_text()
 
 
+def test_factored_output_divergence_stops_the_run(text_dir: Path, tmp_path: Path) -> None:
+    # The factored head refuses a non-finite update (NonFiniteUpdateError): the run stops at
+    # that epoch like a dense one whose loss is not finite, with no traceback.
+    result = run_cli(
+        "train", "--task", "text", "--data-dir", str(text_dir), "--out", str(tmp_path),
+        "--loss", "mse", "--output", "factored", "--lr", "1e6", "--epochs", "3",
+        "--batch-size", "4", "--model-opt", "hidden=16", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    final = json.loads((tmp_path / "text" / "mse-factored" / "seed-0" / "final.json").read_text())
+    assert final["diverged_at_epoch"] == 1 and final["epochs_run"] == 1
+
+
 def _write_finished(root: Path, loss: str, errors: list[float]) -> None:
     for seed, err in enumerate(errors):
         folder = root / "mnist" / loss / f"seed-{seed}"

@@ -694,9 +694,10 @@ def test_non_finite_gradient_is_not_applied() -> None:
     h = torch.randn(4, 3, dtype=F64)
     h[0, 0] = math.inf
     layer(h, torch.tensor([1, 2, 3, 4])).backward()
-    with pytest.raises(RuntimeError, match="not finite"):
+    with pytest.raises(sl.NonFiniteUpdateError, match="not finite"):  # a RuntimeError
         opt.step()
     assert torch.equal(layer.weight, before)
+    assert issubclass(sl.NonFiniteUpdateError, RuntimeError)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ of classes.
 from __future__ import annotations
 
 from . import family
-from .factored import FactoredSGD, FactoredSphericalLoss
+from .factored import FactoredSGD, FactoredSphericalLoss, NonFiniteUpdateError
 from .family import Member, SphericalMember, get_member, member_names
 from .functional import (
     log_spherical_softmax,
@@ -64,6 +64,7 @@ __all__ = [
     "FactoredSGD",
     "FactoredSphericalLoss",
     "Member",
+    "NonFiniteUpdateError",
     "SoftmaxUpperBoundLoss",
     "SphericalCrossEntropyLoss",
     "SphericalLoss",

@@ -80,6 +80,15 @@ _MAX_SERIES_TERMS = 8
 _EPS = {dtype: torch.finfo(dtype).eps / 2 for dtype in (torch.float32, torch.float64)}
 
 
+class NonFiniteUpdateError(RuntimeError):
+    """Raised by :meth:`FactoredSGD.step` when the recorded gradient is not finite.
+
+    Dense SGD would write the NaN or infinity into the weight; the factored layer refuses the
+    update and keeps its weight. Under a process group every process raises at the same step
+    (the check follows the exchange), so a training loop can catch it and stop on all of them.
+    """
+
+
 class _Pending(NamedTuple):
     """The part of the next SGD update recorded by one backward (one row per example)."""
 
@@ -964,7 +973,7 @@ class FactoredSphericalLoss(nn.Module):
         rho_sq_value, total = torch.stack([rho_sq, ur.sum()]).tolist()
         rho_value = math.sqrt(max(rho_sq_value, 0.0))
         if not (math.isfinite(total) and math.isfinite(rho_value)):
-            raise RuntimeError(
+            raise NonFiniteUpdateError(
                 "FactoredSGD: the recorded gradient is not finite (the loss or the input "
                 "overflowed); the update was not applied"
             )

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import family, functional
+from ..factored import NonFiniteUpdateError
 from .tasks import PROFILES, Settings, Task, make_task, model_options
 
 __all__ = ["RunConfig", "RunError", "evaluate", "run_dir", "train"]
@@ -401,8 +402,14 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
             loss.backward()
             if settings.clip:
                 nn.utils.clip_grad_norm_(net.parameters(), settings.clip)
-            for o in opts:
-                o.step()
+            try:
+                for o in opts:
+                    o.step()
+            except NonFiniteUpdateError:
+                # The factored head refuses a non-finite update (on every process at once,
+                # after its exchange): the run has diverged, which the epoch's loss now says.
+                total, count = math.nan, count + 1
+                break
             total += float(loss.detach())
             count += 1
             seen += len(y) * world
@@ -411,6 +418,10 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{total / count:.4f}", per_s=f"{rate:,.0f}")
         if count == 0:
             raise RunError("the training set is smaller than one batch")
+        if world > 1:  # the epoch's loss over every process's batches (nan if any diverged)
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            total, count = sums[0].item(), int(sums[1].item())
         train_seconds = time.perf_counter() - t0
         lr = opts[0].param_groups[0]["lr"]
         for s in scheds:
@@ -442,13 +453,7 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
             if not quiet:
                 shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("valid", "test"))}
                 print(f"epoch {epoch + 1}/{settings.epochs} {shown}", flush=True)
-        finite = math.isfinite(total)
-        if world > 1:  # every process stops together
-            flag = torch.tensor([0.0 if finite else 1.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = flag.item() == 0.0
-            dist.barrier()
-        if not finite:
+        if not math.isfinite(total):  # (the same on every process: total was all-reduced)
             diverged = epoch + 1
             if rank == 0:
                 print(
