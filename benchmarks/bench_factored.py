@@ -287,7 +287,14 @@ def matmul_rate(batch: int, d: int, device: torch.device, repeats: int = 20) -> 
 class WorkerProcess:
     """A :class:`Worker` in a subprocess (a clean peak-memory measurement per method)."""
 
-    def __init__(self, args: argparse.Namespace, method: str, num_classes: int, d: int) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        method: str,
+        num_classes: int,
+        d: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         command = [sys.executable, __file__, "--worker", method]
         command += ["--num-classes", str(num_classes), "--in-features", str(d)]
         command += ["--batch", str(args.batch), "--warmup", str(args.warmup)]
@@ -298,7 +305,7 @@ class WorkerProcess:
         # stderr to a file: a pipe nobody reads until the end could fill and block the worker.
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            command, stdin=pipe, stdout=pipe, stderr=self.stderr, text=True
+            command, stdin=pipe, stdout=pipe, stderr=self.stderr, text=True, env=env
         )
         self.error: list[str] | None = None
         self._read()
@@ -308,9 +315,11 @@ class WorkerProcess:
             line = self.process.stdout.readline()
             if line:
                 return json.loads(line)
-            self.process.wait()
+            code = self.process.wait()
             self.stderr.seek(0)
-            self.error = self.stderr.read().strip().splitlines()[-1:]
+            # The last line of stderr, or the exit status (a worker killed for memory says
+            # nothing).
+            self.error = self.stderr.read().strip().splitlines()[-1:] or [f"exit status {code}"]
         return None
 
     def block(self, seconds: float, steps: int) -> list[float] | None:
@@ -329,6 +338,7 @@ class WorkerProcess:
             result = self._read()
         self.process.stdin.close()
         self.process.wait()
+        self.stderr.close()
         return {"error": self.error} if result is None else result
 
 

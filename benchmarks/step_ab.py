@@ -1,12 +1,12 @@
 """The factored layer's training step from one or two source trees, in interleaved blocks.
 
 Each ``--src`` folder (one holding the ``spherical_losses`` package, e.g. ``src`` or an
-extracted older commit) gets its own worker process; the workers take turns running blocks of
-``--steps`` steps at one size, alternating which goes first, and each block reports its median
-step. With two trees, the ratio of the first's block to the second's is taken per round and
-summarized by its median and range: a slow-down of the shared machine during a round hits
-both sides of that round. With one tree, the per-round times show how one process's step
-time moves over a run.
+extracted older commit) gets its own ``bench_factored.py`` factored-layer worker, with that
+folder first on its ``PYTHONPATH``; the workers take turns running blocks of ``--steps`` steps
+at one size, alternating which goes first, and each block gives its median step. With two
+trees, the ratio of the first's block to the second's is taken per round and summarized by its
+median and range: a slow-down of the shared machine during a round hits both sides of that
+round. With one tree, the per-round times show how one process's step time moves over a run.
 
 Examples
 --------
@@ -25,49 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def worker(args: argparse.Namespace) -> None:
-    """Answers each line ``N`` on stdin with the median of N steps, in milliseconds."""
-    import torch
-    from bench_factored import zipf_targets
-
-    from spherical_losses import FactoredSGD, FactoredSphericalLoss
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    num_classes, d = (int(x) for x in args.size.split(":"))
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    layer = FactoredSphericalLoss(d, num_classes, args.loss)
-    opt = FactoredSGD(layer, lr=args.lr)
-    batches = [
-        (torch.randn(args.batch, d, requires_grad=True), zipf_targets(num_classes, args.batch, gen))
-        for _ in range(8)
-    ]
-    count = 0
-
-    def step() -> None:
-        nonlocal count
-        h, target = batches[count % len(batches)]
-        opt.zero_grad()
-        layer(h, target).backward()
-        opt.step()
-        count += 1
-
-    for _ in range(args.warmup):
-        step()
-    for line in sys.stdin:
-        times = []
-        for _ in range(int(line)):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        print(statistics.median(times) * 1e3, flush=True)
+from bench_factored import WorkerProcess
 
 
 def main() -> None:
@@ -81,34 +42,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="steps per block")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
     if len(args.src) not in (1, 2):
         parser.error(f"--src must be given once or twice, got {len(args.src)} times")
-    here = Path(__file__).resolve().parent
-    command = [sys.executable, __file__, "--worker"]
-    for name in ("size", "batch", "loss", "lr", "warmup", "threads"):
-        command += [f"--{name}", str(getattr(args, name))]
-    workers = []
     for src in args.src:
-        path = os.pathsep.join([str(Path(src).resolve()), str(here)])
-        env = dict(os.environ, PYTHONPATH=path)
-        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        workers.append(subprocess.Popen(command, text=True, env=env, **pipes))
-    times: list[list[float]] = [[] for _ in workers]
-    for r in range(args.rounds):
-        order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
-        for i in order:
-            workers[i].stdin.write(f"{args.steps}\n")
-            workers[i].stdin.flush()
-            times[i].append(float(workers[i].stdout.readline()))
-        print(f"round {r + 1}: " + "  ".join(f"{t[-1]:.3f} ms" for t in times), flush=True)
-    for w in workers:
-        w.stdin.close()
-        w.wait()
+        if not (Path(src) / "spherical_losses" / "__init__.py").is_file():
+            # (else the workers would import the installed package and compare it with itself)
+            parser.error(f"--src {src}: no spherical_losses package there")
+    num_classes, d = (int(x) for x in args.size.split(":"))
+    # What bench_factored's workers read: warm-up of at least --warmup steps, no minimum time
+    # per block (each block is --steps steps), the default device.
+    worker_args = argparse.Namespace(
+        batch=args.batch, warmup=args.warmup, min_time=0.0, loss=args.loss, lr=args.lr,
+        device="cpu", threads=args.threads,
+    )  # fmt: skip
+    workers: list[WorkerProcess] = []
+    times: list[list[float]] = [[] for _ in args.src]
+    try:
+        for src in args.src:
+            path = [str(Path(src).resolve()), os.environ.get("PYTHONPATH", "")]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+            workers.append(WorkerProcess(worker_args, "factored", num_classes, d, env=env))
+        for r in range(args.rounds):
+            order = range(len(workers)) if r % 2 == 0 else reversed(range(len(workers)))
+            for i in order:
+                block = workers[i].block(0.0, args.steps)
+                if block is None:
+                    sys.exit(f"the worker for {args.src[i]} failed: {workers[i].error}")
+                times[i].append(statistics.median(block) * 1e3)
+            print(f"round {r + 1}: " + "  ".join(f"{t[-1]:.3f} ms" for t in times), flush=True)
+    finally:
+        for worker in workers:
+            worker.finish()
     for src, t in zip(args.src, times, strict=True):
         print(f"{src}: median step {statistics.median(t):.3f} ms")
     if len(workers) == 2:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import spherical_losses as sl
@@ -345,13 +345,15 @@ def test_spherical_probabilities_and_invariances(values, eps, lam, flips) -> Non
 )
 def test_z_loss_shift_and_scale_invariant(values, shift, scale, data) -> None:
     x = torch.tensor([values], dtype=torch.float64)
-    if float(x.std()) < 1e-3:
-        return
+    assume(float(x.std()) >= 1e-3)
     t = torch.tensor([data.draw(st.integers(0, len(values) - 1))])
     base = sl.z_loss(x, t)
     moved = scale * x + shift
-    # σ² = q/D − μ² loses eps·(q/D)/σ² of relative precision (documented on the member).
+    # σ² = q/D − μ² loses eps·(q/D)/σ² of relative precision (documented on the member):
+    # the tolerance follows that conditioning, on examples where it still means something
+    # (at most about 4e-7).
     condition = max(float((v * v).mean() / v.var(unbiased=False)) for v in (x, moved))
+    assume(condition < 1e8)
     tol = 1e-9 + 16 * torch.finfo(torch.float64).eps * condition
     torch.testing.assert_close(sl.z_loss(moved, t), base, rtol=tol, atol=tol)
 
