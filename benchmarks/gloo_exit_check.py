@@ -6,8 +6,8 @@ called without an active exception") after its work is done; the command line's
 script runs ``--pairs`` pairs of processes, each training a factored layer for 25 steps over a
 gloo group (as ``tests/test_factored_distributed.py`` does) and then ending either with
 ``destroy_process_group()`` alone (``plain``) or with ``_close_process_group()`` (``wait``),
-and counts the processes that exit with a non-zero status. Rerun it on a new torch version to
-see whether the wait is still needed.
+and counts the processes that abort (SIGABRT) and those that fail otherwise. Rerun it on a
+new torch version to see whether the wait is still needed.
 
 Example::
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,12 +65,12 @@ def main() -> None:
         rank, init_file, mode = args.child
         child(int(rank), init_file, mode)
         return
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    path = [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     for mode in args.modes.split(","):
         if mode not in ("plain", "wait"):
             parser.error(f"--modes takes plain and wait, got {mode!r}")
-        failed = 0
+        aborted = other = 0
         for _ in range(args.pairs):
             with tempfile.TemporaryDirectory() as folder:
                 init_file = str(Path(folder) / "init")
@@ -82,8 +83,19 @@ def main() -> None:
                     )
                     for rank in (0, 1)
                 ]
-                failed += sum(p.wait() != 0 for p in procs)
-        print(f"{mode}: {failed} of {2 * args.pairs} processes exited with an error", flush=True)
+                for proc in procs:
+                    try:
+                        code = proc.wait(timeout=120)
+                    except subprocess.TimeoutExpired:  # (a peer died before a collective)
+                        proc.kill()
+                        code = proc.wait()
+                    aborted += code == -signal.SIGABRT
+                    other += code not in (0, -signal.SIGABRT)
+        print(
+            f"{mode}: {aborted} of {2 * args.pairs} processes aborted (SIGABRT), "
+            f"{other} failed otherwise",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
