@@ -453,6 +453,8 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
             if not quiet:
                 shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("valid", "test"))}
                 print(f"epoch {epoch + 1}/{settings.epochs} {shown}", flush=True)
+        if world > 1:  # every process waits for the first one's evaluation and checkpoint
+            dist.barrier()
         if not math.isfinite(total):  # (the same on every process: total was all-reduced)
             diverged = epoch + 1
             if rank == 0:
