@@ -112,6 +112,7 @@ class _Cast(NamedTuple):
     w_bar: Tensor
     U_inv: Tensor
     QW: Tensor  # [Q | ω | w̄]
+    w_bar_in: Tensor  # w̄ without the bias entry (what the input's gradient takes)
 
 
 class _Session:
@@ -173,6 +174,7 @@ class _Workspace:
         self.inc_main = self.inc[:, : 3 * d + 2]
         Ut, Q, omega, w_bar, U_inv, self.inner = self.inc.split_with_sizes([d, d, 1, 1, d, d], 1)
         self.inc_blocks = (Ut, Q, omega[:, 0], w_bar[:, 0], U_inv)
+        self.inc_Q_T = Q.T
         self.last = self.inc[:, 2 * d + 2 :]  # [U⁻¹ block | inner], which J multiplies
         self.inc_vectors = self.inc[:, 2 * d : 2 * d + 2]  # [ω | w̄] blocks
         self.d_path_ready = False
@@ -212,10 +214,19 @@ class _Workspace:
         """
         m, d, dtype, device = self.key
         self.L = torch.empty(m, 3 * d + 3, dtype=dtype, device=device)
+        self.L_T = self.L.T
         self.L_blocks = self.L.split_with_sizes([d, d, d, 3], 1)
+        cs = self.L_blocks[3]  # columns −ηα, b = 2ηβ, −ηγ
+        self.b, self.g_col = cs[:, 1:2], cs[:, 2:]
         self.out = torch.empty(3 * d + 3, d, dtype=dtype, device=device)
         self.J, self.SRR, self.WR, self.ur = self.out.split_with_sizes([d, d, d, 3])
+        self.u, self.ur_T = self.ur[0], self.ur.T
         self.J_flat = self.J.view(-1)
+        # J [a M⁻¹ U⁻¹ − U⁻¹ so far | inner], and Y (whose transpose ΔQ adds).
+        self.prod = torch.empty(d, 2 * d, dtype=dtype, device=device)
+        self.prod_last, self.J_inner = self.prod.split_with_sizes([d, d], 1)
+        self.Y = torch.empty(d, d, dtype=dtype, device=device)
+        self.Y_T = self.Y.T
         self.d_path_ready = True
 
 
@@ -306,10 +317,9 @@ class _FactoredLossFunction(torch.autograd.Function):
             # ∂L/∂h = α w̄ + 2β Q h + γ W_c, without the bias column: computed on the first
             # columns only, so the gradient is contiguous (autograd would copy a strided one).
             n = ctx.in_features
-            grad = torch.outer(coef[:, 0], w_bar[:n])
-            grad_input = grad.addcmul_(P[:, :n], coef[:, 1:2], value=2.0).addcmul_(
-                W_c[:, :n], coef[:, 2:]
-            )
+            alpha, beta, gamma = coef.split(1, dim=1)
+            grad = torch.mul(alpha, w_bar)  # α w̄ᵀ (w̄ without its bias entry)
+            grad_input = grad.addcmul_(P[:, :n], beta, value=2.0).addcmul_(W_c[:, :n], gamma)
         return grad_input, None, None, None, None
 
 
@@ -787,13 +797,18 @@ class FactoredSphericalLoss(nn.Module):
                 d = packed.shape[0]
                 Ut, Q, omega, w_bar, U_inv = packed.split_with_sizes([d, d, 1, 1, d], 1)
                 QW = packed[:, d : 2 * d + 2]
-                cast = _Cast(packed, Ut.T, Q, omega[:, 0], w_bar[:, 0], U_inv, QW)
+                w_bar = w_bar[:, 0]
+                cast = _Cast(
+                    packed, Ut.T, Q, omega[:, 0], w_bar, U_inv, QW, w_bar[: self.in_features]
+                )
             cast.packed.copy_(self._state)
             cache = session.cast_cache = (session.state_version, cast)
         return cache[1]
 
     def _statistics(self, H: Tensor, target: Tensor) -> tuple[Tensor, ...]:
-        """``(s, q, o_c, W_c, P, w̄)`` of the rows of ``H`` (``O(m d²)``); ``P = H Q``."""
+        """``(s, q, o_c, W_c, P, w̄)`` of the rows of ``H`` (``O(m d²)``); ``P = H Q``; ``w̄``
+        without its bias entry.
+        """
         state = self._cast_state()
         W_c = torch.addmm(state.omega, self.V.index_select(0, target), state.U)
         d = H.shape[1]
@@ -801,7 +816,7 @@ class FactoredSphericalLoss(nn.Module):
         P, s = HQ[:, :d], HQ[:, d + 1]
         q = torch.linalg.vecdot(P, H)
         oc = torch.linalg.vecdot(W_c, H)
-        return s, q, oc, W_c, P, state.w_bar
+        return s, q, oc, W_c, P, state.w_bar_in
 
     def _logit_chunks(self, rows: Tensor, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
         if chunk_size is None:
@@ -939,8 +954,12 @@ class FactoredSphericalLoss(nn.Module):
             ws.prepare_d_path()
         # Columns −ηα (u = Hᵀ(−ηα)), b = 2ηβ and −ηγ (R = diag(−ηγ) H); on the d × d path
         # written straight into the left factor of the product below.
-        cs = torch.mul(upd.coef, ws.scale, out=None if woodbury else ws.L_blocks[3])
-        b, g_col = cs[:, 1:2], cs[:, 2:]
+        if woodbury:
+            cs = torch.mul(upd.coef, ws.scale)
+            b, g_col = cs[:, 1:2], cs[:, 2:]
+        else:
+            cs = torch.mul(upd.coef, ws.scale, out=ws.L_blocks[3])
+            b, g_col = ws.b, ws.g_col
         R = H * g_col
         SR = None  # S R, with S_ij = [c_i = c_j]: R's rows summed over repeated targets
         if woodbury:
@@ -951,7 +970,7 @@ class FactoredSphericalLoss(nn.Module):
             GB = G * b.T  # H Hᵀ diag(b), which has the nonzero eigenvalues of J
             rho_sq = (GB * GB.T).sum()  # ‖J‖_F² = tr((H Hᵀ diag(b))²)
             ur = (H.T @ cs).T
-            u = ur[0]
+            u, ur_T = ur[0], ur.T
         else:
             # One product gives J = Hᵀ diag(b) H, Rᵀ S R, W_cᵀ R, u and r = Rᵀ1.
             L_hb, L_SR, L_W, _ = ws.L_blocks
@@ -965,9 +984,9 @@ class FactoredSphericalLoss(nn.Module):
                 # groups (torch.unique) needs no synchronization with the device.
                 torch.mm(torch.mul(torch.eq(c.unsqueeze(1), c), g_col), R, out=L_SR)
             torch.mul(upd.W_c, g_col, out=L_W)
-            torch.mm(ws.L.T, H, out=ws.out)
+            torch.mm(ws.L_T, H, out=ws.out)
             J, SRR, WR, ur = ws.J, ws.SRR, ws.WR, ws.ur
-            u = ur[0]
+            u, ur_T = ws.u, ws.ur_T
             rho_sq = torch.dot(ws.J_flat, ws.J_flat)
         # One synchronization: the bound ρ = ‖J‖_F, and whether the coefficients are finite.
         rho_sq_value, total = torch.stack([rho_sq, ur.sum()]).tolist()
@@ -1046,12 +1065,13 @@ class FactoredSphericalLoss(nn.Module):
             # J [Uᵀ | Q | ω | w̄ | U⁻¹] in one product, written where the increments go (J is
             # symmetric: J Uᵀ = (U J)ᵀ and J Q = (Q J)ᵀ).
             torch.mm(J, state.packed, out=ws.inc_main)
-            JQ, JU_inv = inc_Q, inc_U_inv
-            # −(Q J/2 − W_cᵀ R − a Q), which J multiplies in Y; J Q is replaced by ΔQ below.
-            inner = torch.add(WR, JQ.T, alpha=-0.5, out=ws.inner).add_(state.Q, alpha=a)
+            JU_inv = inc_U_inv
+            # −(Q J/2 − W_cᵀ R − a Q), which J multiplies in Y (Q J = (J Q)ᵀ, read from the
+            # ΔQ block, which holds J Q until ΔQ replaces it below).
+            inner = torch.add(WR, ws.inc_Q_T, alpha=-0.5, out=ws.inner).add_(state.Q, alpha=a)
             if kind == "series":  # a M⁻¹ U⁻¹ − U⁻¹ = Σ_{k≥1} (J/a)^k U⁻¹, by Horner
                 if terms == 1:
-                    J_inner = J @ inner
+                    J_inner = torch.mm(J, inner, out=ws.J_inner)
                     if a != 1.0:
                         inc_U_inv.div_(a)
                 else:
@@ -1063,7 +1083,8 @@ class FactoredSphericalLoss(nn.Module):
                             step = torch.addmm(first, J, step, alpha=1.0 / a)
                         JU_inv.copy_(step).mul_(a)
                     # The last power and J × inner in one product.
-                    last, J_inner = (J @ ws.last).split_with_sizes([d, d], 1)
+                    torch.mm(J, ws.last, out=ws.prod)
+                    last, J_inner = ws.prod_last, ws.J_inner
                     if first is not None:
                         torch.add(first, last, alpha=1.0 / (a * a), out=inc_U_inv)
                     elif a != 1.0:
@@ -1084,7 +1105,7 @@ class FactoredSphericalLoss(nn.Module):
         # J ω − u and J w̄ − D u − Rᵀ1 (ω' = M ω + u, w̄' = M w̄ + D u + Rᵀ1), and
         # g = M w̄ + Rᵀ1 + D u/2.
         # The first two as one product of [u; Hᵀb; r]ᵀ with a 3 × 2 matrix; −g by itself.
-        ws.inc_vectors.addmm_(ur.T, ws.vector_coefficients(D))
+        ws.inc_vectors.addmm_(ur_T, ws.vector_coefficients(D))
         neg_g = torch.add(inc_w_bar, state.w_bar, alpha=-a).add_(u, alpha=0.5 * D)
         if woodbury:
             left = torch.cat([hb, R, neg_g.neg().unsqueeze(0)])
@@ -1098,9 +1119,13 @@ class FactoredSphericalLoss(nn.Module):
             Y = left.T @ right
         else:
             # Y = −J inner + a W_cᵀ R + Rᵀ S R/2 + g uᵀ.
-            Y = torch.add(SRR, WR, alpha=2.0 * a).mul_(0.5) if a != 1.0 else WR.add(SRR, alpha=0.5)
+            Y = ws.Y
+            if a != 1.0:
+                torch.add(SRR, WR, alpha=2.0 * a, out=Y).mul_(0.5)
+            else:
+                torch.add(WR, SRR, alpha=0.5, out=Y)
             Y.sub_(J_inner).addr_(neg_g, u, alpha=-1.0)
-        torch.add(Y, Y.T, out=inc_Q)
+        torch.add(Y, Y.T if woodbury else ws.Y_T, out=inc_Q)
         self.V.index_put_((c,), dV, accumulate=True)
         S = self._state.addcmul_(ws.inc_main, ws.column_scale)
         if a != 1.0:

@@ -251,16 +251,16 @@ class Taylor(SphericalMember):
         # m-vectors, where each operation's overhead outweighs its arithmetic.
         m = self.margin
         y = oc + (1.0 - m)  # 1 + x, with x = o_c − m
-        fx = y.square().add_(1.0).mul_(0.5)  # f(x) = 1 + x + x²/2
-        z = torch.add(s, q, alpha=0.5).add_(D)  # Σ_k f(o_k) = D + s + q/2
+        fx2 = y.square().add_(1.0)  # 2 f(x) = 2 (1 + x + x²/2) = 1 + (1 + x)²
+        z2 = torch.add(q, s, alpha=2.0).add_(2.0 * D)  # 2 Σ_k f(o_k) = 2D + 2s + q
         if m:
             # Σ_k f(o_k) with the target's term f(o_c) replaced by f(o_c − m);
             # f(o_c) − f(o_c − m) = m (1 + o_c − m/2).
-            z = z.sub_(oc, alpha=m).sub_(m * (1.0 - 0.5 * m))
-        loss = torch.log(z) - torch.log(fx)
-        alpha = z.reciprocal()
-        beta = alpha * 0.5
-        gamma = torch.div(y, fx).neg_()
+            z2 = z2.sub_(oc, alpha=2.0 * m).sub_(m * (2.0 - m))
+        loss = torch.div(z2, fx2).log_()
+        beta = z2.reciprocal()
+        alpha = beta * 2.0
+        gamma = torch.div(y, fx2).mul_(-2.0)
         if m:
             gamma = gamma.sub_(alpha, alpha=m)
         return loss, alpha, beta, gamma
