@@ -219,6 +219,31 @@ def test_empty_batch_applies_weight_decay_only() -> None:
     assert rel(layer.weight, linear.weight) <= 1e-14
 
 
+@pytest.mark.parametrize("shape", [(8, 4), (3, 16)])  # the d × d and the m × m side
+def test_batch_of_ignored_targets_applies_weight_decay_only(shape: tuple[int, int]) -> None:
+    # Every coefficient is zero, so J = 0 and M⁻¹ is the series' first term alone.
+    batch, in_features = shape
+    linear, layer = make_pair("taylor", 10, in_features, reduction="sum", ignore_index=-1)
+    opt = FactoredSGD(layer, lr=0.5, weight_decay=0.1)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.5, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(4):
+        h = torch.randn(batch, in_features, generator=gen, dtype=F64)
+        target = torch.randint(0, 10, (batch,), generator=gen)
+        if step % 2:
+            target.fill_(-1)
+        for o in (opt, dense_opt):
+            o.zero_grad()
+        layer(h, target).backward()
+        sl.spherical_loss(linear(h), target, "taylor", reduction="sum", ignore_index=-1).backward()
+        opt.step()
+        dense_opt.step()
+        if step % 2:
+            assert layer._session.last_update == "series"
+        assert rel(layer.weight, linear.weight) <= 1e-12
+        assert rel(layer.bias, linear.bias) <= 1e-12
+
+
 def test_unbatched_input() -> None:
     linear, layer = make_pair("taylor", 7, 3, reduction="none")
     h = torch.randn(3, dtype=F64)
