@@ -219,27 +219,41 @@ def test_empty_batch_applies_weight_decay_only() -> None:
     assert rel(layer.weight, linear.weight) <= 1e-14
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", [(8, 4), (3, 16)])  # the d × d and the m × m side
-def test_batch_of_ignored_targets_applies_weight_decay_only(shape: tuple[int, int]) -> None:
-    # Every coefficient is zero, so J = 0 and M⁻¹ is the series' first term alone.
+def test_batch_of_ignored_targets_applies_weight_decay_only(
+    shape: tuple[int, int], reduction: str
+) -> None:
+    # Every coefficient is zero, so J = 0 and M⁻¹ is the series' first term alone. With
+    # 'mean' the loss is NaN (0/0) and the input's gradient zero, as for the dense layer.
     batch, in_features = shape
-    linear, layer = make_pair("taylor", 10, in_features, reduction="sum", ignore_index=-1)
+    linear, layer = make_pair("taylor", 10, in_features, reduction=reduction, ignore_index=-1)
     opt = FactoredSGD(layer, lr=0.5, weight_decay=0.1)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=0.5, weight_decay=0.1)
     gen = torch.Generator().manual_seed(6)
     for step in range(4):
-        h = torch.randn(batch, in_features, generator=gen, dtype=F64)
+        h = torch.randn(batch, in_features, generator=gen, dtype=F64, requires_grad=True)
+        h2 = h.detach().clone().requires_grad_()
         target = torch.randint(0, 10, (batch,), generator=gen)
         if step % 2:
             target.fill_(-1)
         for o in (opt, dense_opt):
             o.zero_grad()
-        layer(h, target).backward()
-        sl.spherical_loss(linear(h), target, "taylor", reduction="sum", ignore_index=-1).backward()
+        loss = layer(h, target)
+        dense = sl.spherical_loss(
+            linear(h2), target, "taylor", reduction=reduction, ignore_index=-1
+        )
+        loss.backward()
+        dense.backward()
         opt.step()
         dense_opt.step()
         if step % 2:
             assert layer._session.last_update == "series"
+            assert torch.isnan(loss) == torch.isnan(dense) == (reduction == "mean")
+            assert not h.grad.any() and not h2.grad.any()
+        else:
+            assert rel(loss, dense) <= 1e-12
+            assert rel(h.grad, h2.grad) <= 1e-12
         assert rel(layer.weight, linear.weight) <= 1e-12
         assert rel(layer.bias, linear.bias) <= 1e-12
 

@@ -201,12 +201,25 @@ def test_ignore_index_gives_no_gradient_and_custom_index(name: str) -> None:
     torch.testing.assert_close(loss, sl.spherical_loss(x[keep], t[keep], name))
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_all_ignored_mean_is_nan_like_cross_entropy(name: str) -> None:
-    x = torch.randn(3, 4)
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, {}) for name in ALL]
+    + [(name, {"weight": "classes"}) for name in ALL]
+    + [(name, {"label_smoothing": 0.1}) for name in WITH_PROBS],
+)
+def test_all_ignored_mean_is_nan_with_zero_gradient_like_cross_entropy(name, options) -> None:
+    # A minibatch of padding only: F.cross_entropy's mean is NaN (0/0), its gradient zero, so
+    # that SGD leaves the weights alone.
+    x = torch.randn(3, 4, requires_grad=True)
     t = torch.full((3,), -100)
-    assert torch.isnan(sl.spherical_loss(x, t, name)) == torch.isnan(F.cross_entropy(x, t))
-    assert sl.spherical_loss(x, t, name, reduction="sum") == 0
+    if options.get("weight"):
+        options = {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5])}
+    loss, expected = sl.spherical_loss(x, t, name, **options), F.cross_entropy(x, t, **options)
+    assert torch.isnan(loss) and torch.isnan(expected)
+    (grad,) = torch.autograd.grad(loss, x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert torch.equal(grad, expected_grad) and not grad.any()
+    assert sl.spherical_loss(x, t, name, reduction="sum", **options) == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -287,9 +287,15 @@ class _FactoredLossFunction(torch.autograd.Function):
         if layer.reduction == "sum":
             loss = loss.sum()
         elif layer.reduction == "mean":
-            count = n if valid is None else valid.sum().to(coef.dtype)
-            loss = loss.mean() if valid is None else loss.sum() / count
-            ctx.scale = 1.0 / count if n else 0.0  # an empty batch has no coefficient to scale
+            if valid is None:
+                loss = loss.mean()
+                ctx.scale = 1.0 / n if n else 0.0  # an empty batch has no coefficient to scale
+            else:
+                count = valid.sum().to(coef.dtype)
+                loss = loss.sum() / count
+                # With no target kept the mean is NaN (0/0) but the gradient zero, as with
+                # F.cross_entropy: the coefficients are all zero, and a finite scale keeps them so.
+                ctx.scale = 1.0 / count.clamp_min(1.0)
         # Intermediates, held on ctx rather than saved (no input or output among them): w̄ is
         # a view of the cast state, which a repair() may refresh in place before the backward,
         # with the same value (that of W, which a repair keeps).
