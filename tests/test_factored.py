@@ -183,20 +183,22 @@ def test_gradient_accumulation_matches_dense() -> None:
     assert rel(layer.bias, linear.bias) <= 1e-9
 
 
-def test_ignore_index_matches_dense() -> None:
-    linear, layer = make_pair("taylor", 15, 4, ignore_index=-1)
+@pytest.mark.parametrize("ignore_index", [-1, 5])  # 5: a class number, ignored all the same
+def test_ignore_index_matches_dense(ignore_index: int) -> None:
+    linear, layer = make_pair("taylor", 15, 4, ignore_index=ignore_index)
     opt = FactoredSGD(layer, lr=0.2)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=0.2)
     gen = torch.Generator().manual_seed(4)
     for _ in range(30):
         h = torch.randn(8, 4, generator=gen, dtype=F64, requires_grad=True)
-        target = torch.randint(-1, 15, (8,), generator=gen)
+        target = torch.randint(0, 15, (8,), generator=gen)
+        target[torch.rand(8, generator=gen) < 0.3] = ignore_index
         target[0] = 3  # at least one target kept
         h2 = h.detach().clone().requires_grad_()
         opt.zero_grad()
         dense_opt.zero_grad()
         loss = layer(h, target)
-        dense = sl.spherical_loss(linear(h2), target, "taylor", ignore_index=-1)
+        dense = sl.spherical_loss(linear(h2), target, "taylor", ignore_index=ignore_index)
         loss.backward()
         dense.backward()
         assert rel(loss, dense) <= 1e-12

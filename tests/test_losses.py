@@ -570,7 +570,7 @@ def test_target_out_of_range(name: str) -> None:
         sl.spherical_loss(x, torch.tensor([0, -3, 1]), name)
 
 
-@pytest.mark.parametrize("name", SPHERICAL)
+@pytest.mark.parametrize("name", ALL)
 def test_shape_and_dtype_errors(name: str) -> None:
     x = torch.randn(3, 10)
     with pytest.raises(
@@ -589,6 +589,23 @@ def test_shape_and_dtype_errors(name: str) -> None:
         sl.spherical_loss(torch.tensor(1.0), torch.tensor(0), name)
     with pytest.raises(ValueError, match="integer tensor"):
         sl.spherical_loss(x, torch.zeros(3, dtype=torch.bool), name)
+    with pytest.raises(ValueError, match="target must be a tensor, got list"):
+        sl.spherical_loss(x, [0, 1, 2], name)
+    with pytest.raises(ValueError, match=r"weight must be a floating-point tensor, got \[1.0"):
+        sl.SphericalLoss(name, weight=[1.0] * 10)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_any_integer_target_dtype_is_taken_as_indices(name: str, dtype: torch.dtype) -> None:
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 3, 3, 2])
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
+    loss = sl.spherical_loss(x, target.to(dtype), name, weight=weight, ignore_index=3)
+    expected = sl.spherical_loss(x, target, name, weight=weight, ignore_index=3)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    grads = [torch.autograd.grad(v, x)[0] for v in (loss, expected)]
+    torch.testing.assert_close(*grads, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NO_PROBS)
@@ -602,8 +619,14 @@ def test_float_targets_need_probabilities(name: str) -> None:
 
 def test_probability_target_shape_and_margin_errors() -> None:
     x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match=r"input's shape \(3, 4\), got \(3, 5\)"):
-        sl.taylor_cross_entropy(x, torch.rand(3, 5))
+    for name in WITH_PROBS:
+        with pytest.raises(ValueError, match=r"input's shape \(3, 4\), got \(3, 5\)"):
+            sl.spherical_loss(x, torch.rand(3, 5), name)
+        # As F.cross_entropy: no ignore_index >= 0 with probability targets (a negative one is
+        # the default, and means nothing there).
+        with pytest.raises(ValueError, match=r"class-index targets only.*got 1"):
+            sl.spherical_loss(x, torch.rand(3, 4), name, ignore_index=1)
+        sl.spherical_loss(x, torch.rand(3, 4), name, ignore_index=-1)
     with pytest.raises(ValueError, match="margin needs class-index targets"):
         sl.taylor_cross_entropy(x, torch.rand(3, 4), margin=0.5)
     with pytest.raises(ValueError, match="margin"):

@@ -756,9 +756,11 @@ class FactoredSphericalLoss(nn.Module):
             target = target.long()
         if target.numel() == 0:
             return rows, target, None, unbatched
-        low, high = torch.aminmax(target)
-        if 0 <= int(low) and int(high) < self.num_classes:
-            return rows, target, None, unbatched
+        if not 0 <= self.ignore_index < self.num_classes:
+            # The usual case (ignore_index = -100): targets all in range ignore nothing.
+            low, high = torch.aminmax(target)
+            if 0 <= int(low) and int(high) < self.num_classes:
+                return rows, target, None, unbatched
         valid = target != self.ignore_index
         bad = valid & ((target < 0) | (target >= self.num_classes))
         if bool(bad.any()):

@@ -127,6 +127,7 @@ def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> Ten
     """Checks class-index targets; returns the mask of positions not ignored."""
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise ValueError(f"target must hold class indices (an integer tensor), got {target.dtype}")
+    target = target.long()  # (comparisons with ignore_index stay exact for any integer dtype)
     expected = _class_index_shape(input)
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -177,9 +178,9 @@ def spherical_loss(
     input : Tensor
         Logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
     target : Tensor
-        Class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` with values in
-        ``[0, C)`` (or ``ignore_index``); or, for members with probabilities, class
-        probabilities of the input's shape.
+        Class indices (any integer dtype) of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)``
+        with values in ``[0, C)`` (or ``ignore_index``); or, for members with probabilities,
+        class probabilities of the input's shape (then ``ignore_index`` must be negative).
     member : Member or str
         A member of :mod:`spherical_losses.family` (or a user-defined
         :class:`~spherical_losses.family.SphericalMember`), or its name.
@@ -204,16 +205,30 @@ def spherical_loss(
     _check_options(reduction, label_smoothing)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     _check_weight(weight, num_classes)
-    probability_target = isinstance(target, Tensor) and target.is_floating_point()
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor, got {type(target).__name__}")
+    probability_target = target.is_floating_point()
     if (probability_target or label_smoothing > 0) and not member.has_probabilities:
         what = "class-probability targets" if probability_target else "label_smoothing > 0"
         raise ValueError(
             f"the {member.name!r} loss defines no class probabilities, so it takes no {what}; "
             "use class-index targets and label_smoothing=0"
         )
+    if probability_target:
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                f"class-probability target must have the input's shape {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:  # (F.cross_entropy refuses it too)
+            raise ValueError(
+                f"ignore_index applies to class-index targets only; with class-probability "
+                f"targets it must stay negative (the default -100), got {ignore_index}"
+            )
+    else:
+        valid = _check_class_target(input, target, ignore_index)
+        target = target.long()  # any integer dtype, as indices
     if isinstance(member, LogSoftmax):
-        if not probability_target:
-            _check_class_target(input, target, ignore_index)
         dtype = compute_dtype(input.dtype)
         return F.cross_entropy(
             input.to(dtype),
@@ -224,15 +239,7 @@ def spherical_loss(
             label_smoothing=label_smoothing,
         ).to(input.dtype)
     if probability_target:
-        if tuple(target.shape) != tuple(input.shape):
-            raise ValueError(
-                f"class-probability target must have the input's shape {tuple(input.shape)}, "
-                f"got {tuple(target.shape)}"
-            )
         return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a tensor, got {type(target).__name__}")
-    valid = _check_class_target(input, target, ignore_index)
     if getattr(member, "margin", 0.0) and label_smoothing > 0:
         raise ValueError(
             "label_smoothing needs the model's probabilities, which a margin changes per "

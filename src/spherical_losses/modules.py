@@ -52,8 +52,8 @@ class SphericalLoss(nn.Module):
         super().__init__()
         self.member = family.get_member(member)
         F._check_options(reduction, label_smoothing)
-        if weight is not None:
-            F._check_weight(weight, weight.numel())
+        if weight is not None:  # (its size is checked against the input's classes per call)
+            F._check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0)
         if label_smoothing > 0 and not self.member.has_probabilities:
             raise ValueError(
                 f"the {self.member.name!r} loss defines no class probabilities, so it takes "
