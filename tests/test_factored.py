@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 from collections.abc import Iterator
 
 import pytest
@@ -726,6 +727,81 @@ def test_training_protocol_errors() -> None:
         FactoredSGD(layer, lr=-1.0)
     with pytest.raises(ValueError, match="FactoredSGD trains a FactoredSphericalLoss"):
         FactoredSGD(nn.Linear(3, 3), lr=0.1)  # type: ignore[arg-type]
+
+
+def test_layer_zero_grad_discards_the_recorded_update_as_for_dense() -> None:
+    # layer.zero_grad() after a backward (e.g. to skip a batch) drops that batch's gradient.
+    linear, layer = make_pair("taylor", 12, 4)
+    opt = FactoredSGD(layer, lr=0.3)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.3)
+    gen = torch.Generator().manual_seed(8)
+    h1, h2 = (torch.randn(6, 4, generator=gen, dtype=F64) for _ in range(2))
+    target = torch.randint(0, 12, (6,), generator=gen)
+    layer(h1, target).backward()
+    sl.spherical_loss(linear(h1), target, "taylor").backward()
+    layer.zero_grad()
+    linear.zero_grad()
+    layer(h2, target).backward()
+    sl.spherical_loss(linear(h2), target, "taylor").backward()
+    opt.step()
+    dense_opt.step()
+    assert rel(layer.weight, linear.weight) <= 1e-12
+
+
+def test_backward_twice_through_one_graph_as_for_dense() -> None:
+    linear, layer = make_pair("taylor", 12, 4)
+    opt = FactoredSGD(layer, lr=0.3)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.3)
+    h, target = torch.randn(6, 4, dtype=F64), torch.randint(0, 12, (6,))
+    loss, dense = layer(h, target), sl.spherical_loss(linear(h), target, "taylor")
+    # With retain_graph, the gradient is added twice, on both sides.
+    loss.backward(retain_graph=True)
+    dense.backward(retain_graph=True)
+    loss.backward()
+    dense.backward()
+    # Without it, a third backward raises instead of recording the update once more.
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    opt.step()
+    dense_opt.step()
+    assert rel(layer.weight, linear.weight) <= 1e-12
+
+
+def test_layer_and_optimizer_copied_or_pickled_together_train_the_copy() -> None:
+    _, layer = make_pair("taylor", 12, 4)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(9)
+    batches = [
+        (torch.randn(6, 4, generator=gen, dtype=F64), torch.randint(0, 12, (6,), generator=gen))
+        for _ in range(4)
+    ]
+
+    def train(layer: FactoredSphericalLoss, opt: FactoredSGD, batches) -> None:
+        for h, target in batches:
+            opt.zero_grad()
+            layer(h, target).backward()
+            opt.step()
+
+    train(layer, opt, batches[:2])
+    copies = [copy.deepcopy((layer, opt)), pickle.loads(pickle.dumps((layer, opt)))]
+    train(layer, opt, batches[2:])
+    for copied_layer, copied_opt in copies:
+        assert copied_opt.layer is copied_layer and copied_layer._attached() is copied_opt
+        train(copied_layer, copied_opt, batches[2:])
+        assert torch.equal(copied_layer.weight, layer.weight)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_casting_to_half_precision_is_refused(cast: str) -> None:
+    layer = FactoredSphericalLoss(3, 10, "taylor")
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    with pytest.raises(
+        ValueError, match=r"float32 or torch.float64, not torch\.(float16|bfloat16)"
+    ):
+        model.half() if cast == "half" else model.to(torch.bfloat16)
+    assert layer.V.dtype == torch.float32  # untouched
+    layer.double()  # the supported casts still work
+    assert layer.V.dtype == F64
 
 
 def test_non_finite_gradient_is_not_applied() -> None:

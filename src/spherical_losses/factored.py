@@ -298,8 +298,12 @@ class _FactoredLossFunction(torch.autograd.Function):
                 ctx.scale = 1.0 / count.clamp_min(1.0)
         # Intermediates, held on ctx rather than saved (no input or output among them): w̄ is
         # a view of the cast state, which a repair() may refresh in place before the backward,
-        # with the same value (that of W, which a repair keeps).
-        ctx.intermediates = (H, coef, target, W_c, P, s, w_bar)
+        # with the same value (that of W, which a repair keeps). The coefficients are saved as
+        # well, so that autograd frees them after a backward without retain_graph, and a second
+        # backward through the same graph raises as it would for a dense layer, instead of
+        # recording the update twice.
+        ctx.save_for_backward(coef)
+        ctx.intermediates = (H, target, W_c, P, s, w_bar)
         ctx.layer = layer
         ctx.version = layer._session.weight_version
         ctx.record = trigger is not None
@@ -311,7 +315,8 @@ class _FactoredLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         layer: FactoredSphericalLoss = ctx.layer
         layer._check_version(ctx.version)
-        H, coef, target, W_c, P, s, w_bar = ctx.intermediates
+        (coef,) = ctx.saved_tensors  # (raises if the graph was freed by an earlier backward)
+        H, target, W_c, P, s, w_bar = ctx.intermediates
         if grad_loss.dim():  # reduction 'none': one upstream gradient per example
             coef = coef * grad_loss.unsqueeze(1)
         else:
@@ -532,6 +537,14 @@ class FactoredSphericalLoss(nn.Module):
         """
         self._session.trainable = bool(requires_grad)
         return super().requires_grad_(requires_grad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discards the update recorded since the last step, like the :class:`FactoredSGD`'s
+        ``zero_grad()``. A parent module's ``zero_grad()`` does not reach it (it zeroes the
+        gradients of parameters, and this layer has none): call this or the optimizer's.
+        """
+        super().zero_grad(set_to_none)
+        self._discard_pending()
 
     # ----------------------------------------------------------------------------------------
     # forward and evaluation
@@ -1182,6 +1195,13 @@ class FactoredSphericalLoss(nn.Module):
                 "FactoredSphericalLoss: cannot move or cast the layer while an update is "
                 "pending; call the FactoredSGD's step() or zero_grad() first"
             )
+        dtype = fn(self.V.detach()[:0]).dtype  # what fn makes of V (on a zero-size view)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"FactoredSphericalLoss holds its weight in torch.float32 or torch.float64, not "
+                f"{dtype} (its exact update needs that precision); cast the rest of the model "
+                "only, e.g. with model.body.half()"
+            )
         old = {name: self._buffers[name] for name in _STATE}
         super()._apply(fn, recurse)
         if any(self._buffers[name] is not before for name, before in old.items()):
@@ -1226,9 +1246,10 @@ class FactoredSGD(torch.optim.Optimizer):
     :meth:`step` applies ``W ← W − lr·(∇W + weight_decay·W)`` with the gradient of every
     ``backward()`` since the last :meth:`zero_grad` (bias included), exactly as
     :class:`torch.optim.SGD` does on the dense layer, without ever forming ``∇W``. It is a
-    :class:`torch.optim.Optimizer`: learning-rate schedulers work on it and its ``state_dict()``
-    round-trips (``param_groups`` holds a single placeholder tensor; the layer's state is saved
-    with the layer).
+    :class:`torch.optim.Optimizer`: learning-rate schedulers work on it (``OneCycleLR`` with
+    ``cycle_momentum=False``: there is no momentum) and its ``state_dict()`` round-trips
+    (``param_groups`` holds a single placeholder tensor; the layer's state is saved with the
+    layer). A copy or pickle of the layer and its optimizer together trains the copied layer.
 
     Parameters
     ----------
@@ -1295,6 +1316,22 @@ class FactoredSGD(torch.optim.Optimizer):
         if process_group is not None:
             _broadcast_layer(layer, process_group)
         layer._attach(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (torch.optim.Optimizer keeps only its groups and state; the layer goes along, so that
+        # a copied or unpickled optimizer trains the copy of its layer.)
+        if self.process_group is not None:
+            raise TypeError(
+                "cannot copy or pickle a FactoredSGD that has a process group (a process group "
+                "cannot be); save its state_dict() and the layer's instead"
+            )
+        state = super().__getstate__()
+        state.update(layer=self.layer, process_group=None, last_exchange_bytes=0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.layer._attach(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
