@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -93,12 +94,62 @@ def test_two_processes_match_one_process(
     for result in results:
         torch.testing.assert_close(result["weight"], layer.weight, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(result["bias"], layer.bias, rtol=1e-10, atol=1e-12)
-    # Each process sends its row count, then its rows padded to the largest share:
-    # m (3d + 5) float64 numbers with d = in_features + 1 (the bias), targets included.
+    # Each process sends a header (its row count, lr, weight decay and an error flag), then
+    # its rows padded to the largest share: m (3d + 5) float64 numbers with d = in_features + 1
+    # (the bias), targets included.
     largest = max(split, (16 if split == 8 else 13) - split)
     numbers = 3 * (IN + 1) + (4 if int_targets else 5)
-    assert results[0]["bytes"] == 8 + largest * numbers * 8 + (8 * largest if int_targets else 0)
+    expected = 4 * 8 + largest * numbers * 8 + (8 * largest if int_targets else 0)
+    assert results[0]["bytes"] == expected
     assert results[0]["bytes"] < D * (IN + 1) * 8  # already less than one dense gradient
+
+
+def _misuse_worker(rank: int, init_file: str, case: str, out: str) -> None:
+    torch.set_num_threads(1)
+    # A short timeout: were a process left waiting in the exchange, the test fails, not hangs.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        layer = make_layer("taylor", "mean", seed=0)
+        lr = LR * (1 + rank) if case == "lr" else LR
+        opt = FactoredSGD(layer, lr=lr, process_group=dist.group.WORLD)
+        h, target = batches(4)[0]
+        try:
+            layer(h, target).backward()
+            opt.step()  # (where the learning rates differ, this step raises)
+            if not (case == "step again" and rank == 1):  # no zero_grad, no backward there
+                opt.zero_grad()
+                layer(h, target).backward()
+            opt.step()
+        except (RuntimeError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+        else:
+            error = "no error"
+        Path(out, f"rank{rank}.txt").write_text(error)
+    finally:
+        _close_process_group()
+
+
+@pytest.mark.parametrize("case", ["lr", "step again"])
+def test_a_misuse_on_one_process_raises_on_every_process(case: str, tmp_path: Path) -> None:
+    # Each process would otherwise apply another step (different learning rates), or wait in
+    # the exchange for the one that raised, until the group's timeout.
+    mp.spawn(
+        _misuse_worker, args=(str(tmp_path / "init"), case, str(tmp_path)), nprocs=2, join=True
+    )
+    errors = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if case == "lr":
+        for error in errors:
+            assert error.startswith("ValueError: FactoredSGD: the processes of the group have")
+            assert f"({LR!r}, 0.0), ({2 * LR!r}, 0.0)" in error
+    else:
+        assert errors[1].startswith("RuntimeError: FactoredSGD.step() called again")
+        assert errors[0].startswith("RuntimeError: FactoredSGD.step() failed on process 1")
 
 
 def test_single_process_group(tmp_path: Path) -> None:

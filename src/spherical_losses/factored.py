@@ -909,22 +909,25 @@ class FactoredSphericalLoss(nn.Module):
         self._session.consumed = False
 
     def _sgd_step(
-        self, lr: float, weight_decay: float, exchange: Callable[[_Pending | None], Any] | None
+        self, lr: float, weight_decay: float, exchange: Callable[..., _Pending | None] | None
     ) -> None:
+        problem = None
         if not self._session.pending and self._session.consumed:
-            raise RuntimeError(
+            problem = (
                 "FactoredSGD.step() called again without a backward(); dense SGD would apply "
                 "the previous gradient again, which has no exact factored form: call "
                 "zero_grad() after each step"
             )
+            if exchange is None:
+                raise RuntimeError(problem)
         pending = self._session.pending
         update: _Pending | None = None
         if len(pending) == 1:
             update = pending[0]
         elif pending:  # W did not change between these backward calls: one update of all rows
             update = _Pending(*(torch.cat(parts) for parts in zip(*pending, strict=True)))
-        if exchange is not None:  # every process gets every process's rows
-            update = exchange(update)
+        if exchange is not None:  # every process gets every process's rows (or raises with all)
+            update = exchange(update, lr, weight_decay, problem)
         if update is None:
             return  # no gradient: dense SGD skips the parameter, weight decay included
         with torch.inference_mode():  # (no autograd bookkeeping: a little less per operation)
@@ -1358,9 +1361,13 @@ class FactoredSGD(torch.optim.Optimizer):
         self.layer._sgd_step(float(group["lr"]), float(group["weight_decay"]), exchange)
         return loss
 
-    def _exchange(self, update: _Pending | None) -> _Pending | None:
+    def _exchange(
+        self, update: _Pending | None, lr: float, weight_decay: float, problem: str | None
+    ) -> _Pending | None:
         """Every process's rows of the update, in rank order, with the gradients averaged over
-        the processes; ``None`` when no process recorded a backward.
+        the processes; ``None`` when no process recorded a backward. Raises on every process
+        when one of them has a ``problem`` or their learning rates or weight decays differ
+        (each would apply another step), so that none waits for the others forever.
         """
         import torch.distributed as dist
 
@@ -1368,15 +1375,35 @@ class FactoredSGD(torch.optim.Optimizer):
         world = dist.get_world_size(group)
         V = self.layer.V
         d, dtype, device = V.shape[1], V.dtype, V.device
-        # Rows per process (−1: no backward since the last step), then the rows, padded to
-        # the largest count: one float tensor per process, targets included where the dtype
-        # holds them exactly, else in a second integer tensor.
-        count = torch.tensor([-1 if update is None else update.H.shape[0]], device=device)
-        counts = [torch.empty_like(count) for _ in range(world)]
-        dist.all_gather(counts, count, group=group)
-        sizes = [int(c) for c in counts]
+        # First a header per process: its row count (−1: no backward since the last step),
+        # lr, weight decay, and whether it has a problem. Then the rows, padded to the largest
+        # count: one float tensor per process, targets included where the dtype holds them
+        # exactly, else in a second integer tensor.
+        count = -1 if update is None else update.H.shape[0]
+        header = torch.tensor(
+            [count, lr, weight_decay, problem is not None], dtype=torch.float64, device=device
+        )
+        headers = [torch.empty_like(header) for _ in range(world)]
+        dist.all_gather(headers, header, group=group)
+        table = torch.stack(headers).tolist()
+        failed = [rank for rank, row in enumerate(table) if row[3]]
+        if problem is not None:
+            raise RuntimeError(problem)
+        if failed:
+            raise RuntimeError(
+                f"FactoredSGD.step() failed on process {failed[0]} of the group (see its error), "
+                "so no process applied the update"
+            )
+        if any(row[1:3] != table[0][1:3] for row in table):
+            settings = ", ".join(f"({row[1]!r}, {row[2]!r})" for row in table)
+            raise ValueError(
+                "FactoredSGD: the processes of the group have different (lr, weight_decay), "
+                f"{settings} by rank, so each would apply another step; give every process "
+                "the same values (and the same schedule)"
+            )
+        sizes = [int(row[0]) for row in table]
         top = max(sizes)
-        sent = count.element_size()
+        sent = header.numel() * header.element_size()
         if top < 0:
             self.last_exchange_bytes = sent
             return None
