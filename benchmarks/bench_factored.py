@@ -500,7 +500,8 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
 def exchange_table(rows: list, batch: int) -> list[str]:
     """Bytes each process receives per step under torchrun with ``w`` processes (float32):
     ``FactoredSGD(process_group=...)`` all-gathers every process's ``m`` rows of
-    ``3(d+1) + 5`` numbers (h with the bias 1, α β γ, W_c, H Q, s, the target) and a row count;
+    ``3(d+1) + 5`` numbers (h with the bias 1, α β γ, W_c, H Q, s, the target) and a header
+    of four float64 numbers (row count, lr, weight decay, a problem flag);
     ``DistributedDataParallel`` on a dense layer all-reduces its ``D × (d+1)`` gradient (a ring
     all-reduce receives ``2(w−1)/w`` of it). The byte counts of the factored exchange are
     those that ``tests/test_factored_distributed.py`` checks.
@@ -516,7 +517,7 @@ def exchange_table(rows: list, batch: int) -> list[str]:
     for (num_classes, in_features), _ in rows:
         d = in_features + 1
         for world in (2, 8):
-            factored = (world - 1) * (8 + batch * (3 * d + 5) * 4)
+            factored = (world - 1) * (4 * 8 + batch * (3 * d + 5) * 4)
             dense = 2 * (world - 1) / world * num_classes * d * 4
             lines.append(
                 f"| {num_classes} | {in_features} | {world} | {factored / 2**20:.3g} MiB "
