@@ -22,7 +22,14 @@ import spherical_losses as sl
 from spherical_losses.experiments import cli
 from spherical_losses.experiments.report import write_report
 from spherical_losses.experiments.tasks import LanguageModel, Settings
-from spherical_losses.experiments.train import DenseOutput, Net, RunConfig, evaluate, train
+from spherical_losses.experiments.train import (
+    DenseOutput,
+    Net,
+    RunConfig,
+    evaluate,
+    perplexity,
+    train,
+)
 from spherical_losses.family import get_member
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -132,6 +139,17 @@ def test_learns_the_fixture(mnist_dir: Path, tmp_path: Path) -> None:
         ("--task mnist --loss taylor --model-opt wdth=3", "unknown model option(s) wdth"),
         ("--task mnist --loss taylor --data-dir /nonexistent", "/nonexistent/mnist/train-images"),
         ("--task mnist --loss taylor --profile gpu", "invalid choice: 'gpu'"),
+        ("--task mnist --loss taylor --clip -1", "--clip must be >= 0 (0: no clipping), got -1"),
+        ("--task mnist --loss taylor --train-limit 0", "--train-limit must be >= 1, got 0"),
+        ("--task mnist --loss taylor --head-lr 0", "--head-lr must be > 0, got 0"),
+        ("--task mnist --loss taylor --model-opt width=abc", "model option width must be a number"),
+        ("--task mnist --loss spherical --loss-opt eps=abc", "option eps of loss 'spherical' must"),
+        ("--task mnist --loss spherical --loss-opt eps=none", "bad option value for loss"),
+        pytest.param(
+            "--task mnist --loss taylor --device cuda",
+            "--device cuda: not available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
     ],
 )
 def test_bad_command_lines_end_with_one_message(args: str, message: str, tmp_path: Path) -> None:
@@ -177,6 +195,45 @@ def test_killed_run_resumes_to_the_same_metrics(mnist_dir: Path, tmp_path: Path)
     ref_rows = (tmp_path / "a/mnist/z_loss/seed-0/metrics.csv").read_text().splitlines()
     got_rows = (folder / "metrics.csv").read_text().splitlines()
     assert [_without_timings(r) for r in got_rows] == [_without_timings(r) for r in ref_rows]
+
+
+def test_resume_and_compare_refuse_a_run_made_with_other_settings(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    common = [*MNIST_FAST, "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    assert cli.main(["train", *common, "--loss", "taylor", "--epochs", "1"]) == 0
+    final = tmp_path / "mnist/taylor/seed-0/final.json"
+    kept = final.read_text()
+    # A finished run, "resumed" for more epochs or another learning rate: not that run.
+    result = run_cli("train", *common, "--loss", "taylor", "--epochs", "2", "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds a run made with other settings (epochs: 1 there, 2 now)" in result.stderr
+    # compare would have counted it as done, under the new settings' row
+    result = run_cli(
+        "compare", *common, "--losses", "taylor", "--seeds", "1", "--epochs", "1", "--lr", "0.02"
+    )
+    assert result.returncode == 2 and "lr: 0.05 there, 0.02 now" in result.stderr
+    assert final.read_text() == kept
+    # The same settings (the profile's epochs given explicitly or not) continue it.
+    assert cli.main(["train", *common, "--loss", "taylor", "--epochs", "1", "--resume"]) == 0
+
+
+def test_unreadable_checkpoint_ends_with_one_message(mnist_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mnist/taylor/seed-0"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    result = run_cli(
+        "train", *MNIST_FAST, "--loss", "taylor", "--data-dir", str(mnist_dir), "--out",
+        str(tmp_path), "--resume",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot read {folder / 'checkpoint.pt'}" in result.stderr
+
+
+def test_perplexity_of_a_diverged_model_is_infinite() -> None:
+    assert perplexity(2.0) == math.exp(2.0)
+    assert perplexity(1e4) == math.inf  # (math.exp raises OverflowError there)
+    assert math.isnan(perplexity(math.nan))
 
 
 def _without_timings(row: str) -> list[str]:

@@ -554,6 +554,11 @@ def test_probability_maps_along_dim() -> None:
         ),
         (lambda: sl.get_loss("spherical", epsilon=0.1), "unknown option.*epsilon.*expected eps"),
         (lambda: sl.get_loss("mse", eps=0.1), "expected no options"),
+        (lambda: sl.get_loss("spherical", eps="abc"), "option eps of loss 'spherical' must be a"),
+        (
+            lambda: sl.get_loss("taylor", margin=None),
+            r"bad option value for loss 'taylor' \(margin",
+        ),
     ],
 )
 def test_bad_options_fail_when_created(make, match) -> None:

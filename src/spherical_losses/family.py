@@ -553,13 +553,20 @@ def get_member(name: str | Member, **options: float | int | None) -> Member:
         cls = _MEMBERS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(_MEMBERS)}") from None
-    try:
-        return cls(**options)
-    except TypeError:
-        params = inspect.signature(cls).parameters.values()
-        allowed = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
-        bad = sorted(set(options) - set(allowed))
+    params = inspect.signature(cls).parameters.values()
+    allowed = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
         raise ValueError(
             f"unknown option(s) {', '.join(bad)} for loss {name!r}; "
             f"expected {', '.join(allowed) if allowed else 'no options'}"
-        ) from None
+        )
+    for key, value in options.items():
+        # (Every option is a number; the constructors check the ranges.)
+        if not (value is None or isinstance(value, int | float)):
+            raise ValueError(f"option {key} of loss {name!r} must be a number, got {value!r}")
+    try:
+        return cls(**options)
+    except TypeError as error:  # e.g. None for an option that has no default meaning for it
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"bad option value for loss {name!r} ({given}): {error}") from None

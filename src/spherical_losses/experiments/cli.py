@@ -161,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .train import run_dir
+    from .train import check_same_run, run_dir, run_record
 
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     if not losses:
@@ -169,6 +169,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     configs = [_config(args, loss, seed, True) for loss in losses for seed in range(args.seeds)]
+    for config in configs:  # before any work: a run there with other settings is no result
+        check_same_run(run_dir(config), run_record(config))
     _load_data(args)
     failed = []
     for config in configs:

@@ -86,11 +86,15 @@ class RunConfig:
             )
             if v is not None
         }
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "train_limit"):
             if key in changes and changes[key] < 1:
                 raise RunError(f"--{key.replace('_', '-')} must be >= 1, got {changes[key]}")
         if "lr" in changes and not changes["lr"] > 0:
             raise RunError(f"--lr must be > 0, got {changes['lr']}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise RunError(f"--head-lr must be > 0, got {self.head_lr}")
+        if "clip" in changes and not changes["clip"] >= 0:  # (a negative one flips the step)
+            raise RunError(f"--clip must be >= 0 (0: no clipping), got {changes['clip']}")
         if self.model_options:
             allowed = model_options(self.task)
             bad = sorted(set(self.model_options) - set(allowed))
@@ -99,6 +103,9 @@ class RunConfig:
                     f"unknown model option(s) {', '.join(bad)} for task {self.task!r}; "
                     f"expected {', '.join(allowed)}"
                 )
+            for key, value in self.model_options.items():
+                if not isinstance(value, int | float):
+                    raise RunError(f"model option {key} must be a number, got {value!r}")
             changes["model"] = {**base.model, **self.model_options}
         return base.replace(**changes)
 
@@ -108,6 +115,65 @@ class RunConfig:
             return self.loss
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.loss_options.items()))
         return f"{self.loss}({opts})"
+
+
+# What makes a run the run it is: a run directory's config.json must agree on these before
+# --resume continues it or `compare` counts it as done (out, data_dir, device, quiet may differ).
+_IDENTITY = (
+    "task",
+    "loss",
+    "loss_options",
+    "seed",
+    "profile",
+    "output",
+    "head_lr",
+    "vocab_size",
+    "dtype",
+    "settings",
+    "world_size",
+)
+
+
+def run_record(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
+    """What ``config.json`` holds: the configuration, its resolved settings, the processes."""
+    return {**asdict(config), "settings": asdict(config.settings()), "world_size": world_size}
+
+
+def check_same_run(folder: Path, record: dict[str, Any]) -> None:
+    """Raises :class:`RunError` when ``folder`` holds a run (finished or interrupted) made
+    with other settings.
+    """
+    path = folder / "config.json"
+    if not path.exists() or not any((folder / f).exists() for f in ("final.json", "checkpoint.pt")):
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"cannot read {path} ({error}); move the run directory away") from None
+    now = json.loads(json.dumps(record))  # (as JSON has it: lists for tuples, ...)
+    differences = []
+    for key in _IDENTITY:
+        old, new = saved.get(key), now.get(key)
+        if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
+            differences += [
+                f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        elif old != new:
+            differences.append(f"{key}: {old!r} there, {new!r} now")
+    if differences:
+        raise RunError(
+            f"{folder} holds a run made with other settings ({'; '.join(differences)}); "
+            "give the same settings to continue it, or another --out"
+        )
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp`` of the mean negative log-likelihood; ``inf`` where a diverged model's is beyond
+    what a float holds (``math.exp`` would raise).
+    """
+    return math.inf if mean_nll > 709.0 else math.exp(mean_nll)
 
 
 def run_dir(config: RunConfig) -> Path:
@@ -234,7 +300,7 @@ def evaluate(
         name = f"{split}_error" if k == 1 else f"{split}_top{k}_error"
         metrics[name] = 100.0 * (1.0 - hits[k] / n)
     if task.recurrent and logp_sum is not None:
-        metrics[f"{split}_perplexity"] = math.exp(-logp_sum / n)
+        metrics[f"{split}_perplexity"] = perplexity(-logp_sum / n)
     return metrics
 
 
@@ -320,7 +386,7 @@ def _build(
     opts.append(
         FactoredSGD(
             crit,
-            config.head_lr or settings.lr,
+            settings.lr if config.head_lr is None else config.head_lr,
             weight_decay=settings.weight_decay,
             process_group=group,
         )
@@ -335,16 +401,24 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
     folder = run_dir(config)
     final_path = folder / "final.json"
     ckpt_path = folder / "checkpoint.pt"
+    record = run_record(config, world)
     if final_path.exists():
         if not config.resume:
             raise RunError(
                 f"{folder} holds a finished run; use --resume to keep it, or another --out"
             )
+        check_same_run(folder, record)
         return json.loads(final_path.read_text())
     if ckpt_path.exists() and not config.resume:
         raise RunError(f"{folder} holds an interrupted run; use --resume to continue it")
+    if ckpt_path.exists():
+        check_same_run(folder, record)
 
-    device = torch.device(config.device)
+    try:
+        device = torch.device(config.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # (a CPU-only build asserts)
+        raise RunError(f"--device {config.device}: not available here ({error})") from None
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.dtype)
     if dtype is None:
         raise RunError(f"--dtype must be float32 or float64, got {config.dtype!r}")
@@ -363,7 +437,13 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     start = 0
     if config.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as error:  # (whatever a damaged file makes the unpickler raise)
+            raise RunError(
+                f"cannot read {ckpt_path} ({type(error).__name__}: {error}); delete it to start "
+                "the run again"
+            ) from None
         if ckpt["config"]["task"] != config.task or ckpt["config"]["loss"] != config.loss:
             raise RunError(f"{ckpt_path} belongs to another run ({ckpt['config']})")
         net.load_state_dict(ckpt["net"])
@@ -377,7 +457,6 @@ def train(config: RunConfig, task: Task | None = None) -> dict[str, Any]:
         history, start = ckpt["history"], ckpt["epoch"]
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        record = {**asdict(config), "settings": asdict(settings), "world_size": world}
         _write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
 
     quiet = config.quiet or rank != 0
