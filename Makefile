@@ -4,13 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch is pinned for development and CI (an unpinned torch pulls a CUDA build).
+# torch 2.13.0 is pinned for development and CI (this project's machines give pip its CPU build;
+# an unpinned torch pulls a newer CUDA build). TORCH may add pip options, e.g.
+# TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU build.
 TORCH ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[experiments,dev]"
 	touch $@
 
