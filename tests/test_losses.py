@@ -243,6 +243,39 @@ def test_gradcheck(name: str, reduction: str, weighted: bool, ignore: bool) -> N
     assert torch.autograd.gradcheck(lambda x: crit(x, t), (x,))
 
 
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, {}) for name in SPHERICAL]
+    + [("taylor", {"margin": 0.3}), ("spherical", {"eps": 0.5}), ("softmax_bound", {"xi": 1.0})],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_second_derivatives(name: str, options: dict, reduction: str, num_classes: int) -> None:
+    # With create_graph=True the closed-form backward gives a differentiable gradient (a
+    # gradient penalty, a Hessian-vector product): for the bound with its optimal ξ, through
+    # the implicit function theorem.
+    member = family.get_member(name, **options)
+    x = torch.randn(4, num_classes, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, -100, 1])
+    weight = torch.linspace(0.5, 1.5, num_classes, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(
+        lambda x: sl.spherical_loss(x, t, member, weight=weight, reduction=reduction), (x,)
+    )
+
+
+def test_gradient_penalty_reaches_the_input() -> None:
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2])
+    for loss in (
+        lambda x: sl.taylor_cross_entropy(x, t),
+        lambda x: sl.taylor_cross_entropy(x, t, order=4),  # (autograd all the way)
+    ):
+        (grad,) = torch.autograd.grad(loss(x), x, create_graph=True)
+        (penalized,) = torch.autograd.grad(loss(x) + 10 * grad.square().sum(), x)
+        (plain,) = torch.autograd.grad(loss(x), x)
+        assert (penalized - plain).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("name", WITH_PROBS[1:])
 @pytest.mark.parametrize("soft", [False, True])
 def test_gradcheck_label_smoothing_and_probability_targets(name: str, soft: bool) -> None:
@@ -509,6 +542,7 @@ def test_user_defined_member_works_with_autograd_partials() -> None:
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([1, 0, 5, 5])
     assert torch.autograd.gradcheck(lambda x: sl.spherical_loss(x, t, HalfMSE()), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: sl.spherical_loss(x, t, HalfMSE()), (x,))
     torch.testing.assert_close(
         sl.spherical_loss(x, t, HalfMSE(), reduction="sum"),
         0.5 * sl.spherical_mse_loss(x, t, reduction="sum"),

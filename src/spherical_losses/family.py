@@ -116,6 +116,14 @@ class SphericalMember(Member):
         self, s: Tensor, q: Tensor, oc: Tensor, D: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-example ``(L, ∂L/∂s, ∂L/∂q, ∂L/∂o_c)``, each of shape ``(N,)``."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (s, q, oc)):
+            # (A second derivative is being taken: partials that are differentiable too.)
+            value = self.loss(s, q, oc, D)
+            alpha, beta, gamma = torch.autograd.grad(
+                value.sum(), (s, q, oc), create_graph=True, allow_unused=True,
+                materialize_grads=True,
+            )  # fmt: skip
+            return value, alpha, beta, gamma
         with torch.enable_grad():
             s_, q_, oc_ = (t.detach().requires_grad_(True) for t in (s, q, oc))
             value = self.loss(s_, q_, oc_, D)
@@ -345,6 +353,19 @@ def _jj_lambda(xi: Tensor) -> Tensor:
     return torch.where(small, 0.125 - xi * xi / 96.0, torch.tanh(safe / 2) / (4 * safe))
 
 
+def _implicit_xi(xi: Tensor, v: Tensor, D: int) -> Tensor:
+    """``ξ*`` (the root of ``G(ξ) = ξ²·(4(D−1) − (D−2)²/sinh²(ξ/2)) − D·v``, found without
+    autograd) with its derivative in ``v`` by the implicit function theorem,
+    ``dξ*/dv = D / G'(ξ*)``: the value is ``xi`` itself. The first derivatives of the bound
+    need none of it (envelope theorem); its second derivatives do.
+    """
+    c1, c2 = 4.0 * (D - 1.0), (D - 2.0) ** 2
+    sh2 = torch.square(torch.sinh(0.5 * xi))
+    g = -D * v  # G's part that depends on v
+    slope = 2.0 * xi * (c1 - c2 / sh2) + torch.square(xi) * c2 / (sh2 * torch.tanh(0.5 * xi))
+    return xi - (g - g.detach()) / slope.clamp(min=torch.finfo(slope.dtype).tiny)
+
+
 def _optimal_xi(v: Tensor, D: int) -> Tensor:
     """The ξ that minimizes the bound, for ``v = q − s²/D ≥ 0`` (float64 in and out).
 
@@ -427,6 +448,8 @@ class SoftmaxBound(SphericalMember):
         v = (q64 - torch.square(s64) / D).clamp(min=0.0)
         if self.xi is None:
             xi = _optimal_xi(v.detach(), D)
+            if v.requires_grad:  # (a second derivative is being taken: see _implicit_xi)
+                xi = _implicit_xi(xi, v, D)
         else:
             xi = torch.full_like(v, self.xi)
         lam = _jj_lambda(xi)

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import family
 from .family import LogSoftmax, Member, SphericalMember
@@ -66,16 +65,21 @@ class _SphericalLossFunction(torch.autograd.Function):
         ctx.save_for_backward(
             input,
             target,
+            valid,
             alpha.masked_fill(invalid, 0.0),
             (2.0 * beta).masked_fill(invalid, 0.0),
             gamma.masked_fill(invalid, 0.0),
         )
+        ctx.member = member
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        input, target, alpha, beta2, gamma = ctx.saved_tensors
+        input, target, valid, alpha, beta2, gamma = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, a second derivative): the same gradient
+            # from the partials recomputed with autograd, so that it is differentiable itself.
+            return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
         o = input.to(compute_dtype(input.dtype))
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
@@ -85,6 +89,25 @@ class _SphericalLossFunction(torch.autograd.Function):
             grad.add_((alpha * grad_loss).unsqueeze(-1))
         grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * grad_loss).unsqueeze(-1))
         return grad.to(input.dtype), None, None, None
+
+
+def _differentiable_gradient(
+    input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember, grad_loss: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``∂L/∂o = α·1 + 2β·o + γ·e_c`` times the upstream gradient, built from autograd
+    operations on the logits (the partials as functions of them), for double backward.
+    """
+    o = input.to(compute_dtype(input.dtype))
+    s, q, oc = family.statistics(o, target)
+    _, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
+    nan = torch.full_like(s, float("nan"))
+    kept = torch.where(torch.isfinite(s), grad_loss * valid, nan)  # (as the forward)
+    alpha, beta, gamma = (
+        (torch.broadcast_to(t, s.shape) * kept).unsqueeze(-1) for t in (alpha, beta, gamma)
+    )
+    one_hot = torch.zeros_like(o).scatter_(-1, target.unsqueeze(-1), 1.0)
+    grad = alpha + 2.0 * beta * o + gamma * one_hot
+    return grad.to(input.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
