@@ -549,6 +549,15 @@ def test_user_defined_member_works_with_autograd_partials() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "fn", [sl.taylor_softmax, sl.log_taylor_softmax, sl.spherical_softmax, sl.log_spherical_softmax]
+)
+@pytest.mark.parametrize(("shape", "dim"), [((2, 0), 1), ((0, 3), 0), ((0,), 0), ((0, 3), 1)])
+def test_probability_maps_of_empty_tensors(fn, shape: tuple[int, ...], dim: int) -> None:
+    x = torch.empty(shape)
+    assert fn(x, dim).shape == torch.softmax(x, dim).shape == shape
+
+
 def test_probability_maps_along_dim() -> None:
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     for fn in (sl.taylor_softmax, sl.spherical_softmax):

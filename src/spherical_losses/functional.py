@@ -486,4 +486,6 @@ def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:
             f"dim must be in [{-input.dim()}, {input.dim() - 1}] for input of "
             f"{input.dim()} dimensions, got {dim}"
         )
+    if input.shape[dim] == 0:  # no classes: an empty result, as torch.log_softmax gives
+        return input.clone()
     return member.log_probs(input.to(compute_dtype(input.dtype)), dim=dim).to(input.dtype)
