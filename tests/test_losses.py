@@ -681,6 +681,8 @@ def test_probability_target_shape_and_margin_errors() -> None:
         sl.taylor_cross_entropy(x, torch.tensor([0, 1, 2]), margin=0.5, label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"dim must be in \[-2, 1\].*got 2"):
         sl.taylor_softmax(x, dim=2)
+    with pytest.raises(ValueError, match=r"dim must be an integer.*got None"):
+        sl.TaylorSoftmax(dim=None)(x)  # type: ignore[arg-type]
 
 
 def test_non_spherical_members_say_so() -> None:

@@ -481,6 +481,8 @@ def spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor
 
 def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:
     _check_input(input)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be an integer (the class dimension), got {dim!r}")
     if not -input.dim() <= dim < input.dim():
         raise ValueError(
             f"dim must be in [{-input.dim()}, {input.dim() - 1}] for input of "
