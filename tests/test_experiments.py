@@ -322,6 +322,15 @@ def _write_finished(root: Path, loss: str, errors: list[float]) -> None:
         (folder / "metrics.csv").write_text(f"epoch,test_error\n1,{err + 1}\n2,{err}\n")
 
 
+def test_report_names_an_unreadable_final_json(tmp_path: Path) -> None:
+    bad = tmp_path / "mnist/taylor/seed-0"
+    bad.mkdir(parents=True)
+    (bad / "final.json").write_text("{\n")
+    result = run_cli("report", str(tmp_path / "mnist"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{bad / 'final.json'} is not valid JSON" in result.stderr
+
+
 def test_report_mean_and_std(tmp_path: Path) -> None:
     _write_finished(tmp_path, "taylor", [1.0, 2.0, 4.0])
     md, csv = write_report(tmp_path / "mnist")

@@ -21,7 +21,10 @@ def collect(results_dir: Path) -> list[dict[str, Any]]:
     """Every finished run (a ``final.json``) below ``results_dir``, with its metric history."""
     runs = []
     for final in sorted(results_dir.rglob("final.json")):
-        record = json.loads(final.read_text())
+        try:
+            record = json.loads(final.read_text())
+        except ValueError as error:  # (a run directory edited or damaged by hand)
+            raise ValueError(f"{final} is not valid JSON ({error})") from None
         history_path = final.with_name("metrics.csv")
         history = []
         if history_path.exists():
