@@ -222,6 +222,16 @@ def test_all_ignored_mean_is_nan_with_zero_gradient_like_cross_entropy(name, opt
     assert sl.spherical_loss(x, t, name, reduction="sum", **options) == 0
 
 
+@pytest.mark.parametrize("name", SPHERICAL)
+def test_targets_that_all_weigh_zero_give_nan_with_zero_gradient(name: str) -> None:
+    # (F.cross_entropy's gradient is NaN there; a zero one leaves the weights alone.)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    loss = sl.spherical_loss(x, torch.tensor([0, 1, -100]), name, weight=weight)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isnan(loss) and not grad.any()
+
+
 # --------------------------------------------------------------------------------------------
 # gradients
 

@@ -576,6 +576,8 @@ def get_member(name: str | Member, **options: float | int | None) -> Member:
         cls = _MEMBERS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(_MEMBERS)}") from None
+    if not options:  # (the common case: no signature to inspect, which takes a while)
+        return cls()
     params = inspect.signature(cls).parameters.values()
     allowed = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     bad = sorted(set(options) - set(allowed))

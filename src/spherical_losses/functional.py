@@ -212,7 +212,8 @@ def spherical_loss(
     ignore_index : int
         Target value that contributes neither loss nor gradient (class-index targets).
     reduction : {'none', 'mean', 'sum'}
-        'mean' divides by the summed weights of the targets not ignored.
+        'mean' divides by the summed weights of the targets not ignored (NaN, with a zero
+        gradient, when that sum is 0: every target ignored, or weighted 0).
     label_smoothing : float
         In ``[0, 1]``; cross-entropy against ``(1 − ε)·target + ε/C`` (members with
         probabilities only).
@@ -281,30 +282,29 @@ def spherical_loss(
     w = rows_valid.to(per_example.dtype)
     if weight is not None:
         w = w * weight.to(per_example.dtype)[rows_target]
-    loss = _reduce(per_example * w, w, rows_valid, reduction, target.shape)
+    loss = _reduce(per_example * w, w, reduction, target.shape)
     if label_smoothing > 0:
         logp = member.log_probs(logits.to(compute_dtype(logits.dtype)), dim=-1)
         smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
         smooth = smooth.masked_fill(~rows_valid, 0.0)
         loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * _reduce(
-            smooth, w, rows_valid, reduction, target.shape
+            smooth, w, reduction, target.shape
         )
     return loss.to(input.dtype)
 
 
-def _reduce(
-    values: Tensor, weights: Tensor, valid: Tensor, reduction: str, shape: torch.Size
-) -> Tensor:
+def _reduce(values: Tensor, weights: Tensor, reduction: str, shape: torch.Size) -> Tensor:
     if reduction == "none":
         return values.reshape(shape)
     if reduction == "sum":
         return values.sum()
-    # As F.cross_entropy: when every target is ignored, the mean is NaN (0/0) but its gradient
-    # is zero, so that such a minibatch leaves the weights alone (a plain 0/0 would give NaN
-    # gradients, which SGD writes into every weight). No synchronization with the device.
-    none_kept = ~valid.any()
-    total = torch.where(none_kept, 1.0, weights.sum())
-    return (values.sum() / total).masked_fill(none_kept, math.nan)
+    # As F.cross_entropy when every target is ignored: the mean is NaN (0/0) but its gradient
+    # zero, so that such a minibatch leaves the weights alone (a plain 0/0 gives NaN gradients,
+    # which SGD writes into every weight). The same when the kept targets all weigh 0, where
+    # F.cross_entropy's gradient is NaN. No synchronization with the device.
+    total = weights.sum()
+    nothing = total == 0
+    return (values.sum() / total.masked_fill(nothing, 1.0)).masked_fill(nothing, math.nan)
 
 
 def _probability_target_loss(
