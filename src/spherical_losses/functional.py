@@ -146,11 +146,13 @@ def _check_input(input: Tensor) -> None:
         raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dK), got a scalar")
 
 
-def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """Checks class-index targets; returns the mask of positions not ignored."""
+def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Checks class-index targets; returns them as int64 (any integer dtype is taken as
+    indices) and the mask of positions not ignored.
+    """
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise ValueError(f"target must hold class indices (an integer tensor), got {target.dtype}")
-    target = target.long()  # (comparisons with ignore_index stay exact for any integer dtype)
+    target = target.long()
     expected = _class_index_shape(input)
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -166,7 +168,7 @@ def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> Ten
             f"Target {value} is out of bounds for {num_classes} classes "
             f"(expected 0 <= target < {num_classes}, or ignore_index={ignore_index})"
         )
-    return valid
+    return target, valid
 
 
 def _to_rows(t: Tensor, class_dim: bool) -> Tensor:
@@ -250,8 +252,7 @@ def spherical_loss(
                 f"targets it must stay negative (the default -100), got {ignore_index}"
             )
     else:
-        valid = _check_class_target(input, target, ignore_index)
-        target = target.long()  # any integer dtype, as indices
+        target, valid = _check_class_target(input, target, ignore_index)
     if isinstance(member, LogSoftmax):
         dtype = compute_dtype(input.dtype)
         return F.cross_entropy(
