@@ -14,8 +14,12 @@ All readers work offline on files laid out under a data directory (see
 
 Every MNIST and CIFAR file may be stored uncompressed or compressed as ``NAME.gz`` or
 ``NAME.xz``; it is decompressed in memory. Missing or corrupt files raise
-:class:`DataError`, whose message says which files to put where. :func:`download`
-fetches the official files and verifies their checksums.
+:class:`DataError`, whose message says which files to put where. So does a CIFAR file
+with another record count than the official one (a binary batch cut after a whole record
+is still well-formed). MNIST files with consistent headers but unofficial counts, and PTB
+files whose md5 is not the official one, load with a :class:`UserWarning`: results on
+them are not comparable with published numbers. :func:`download` fetches the official
+files and verifies their checksums.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +94,14 @@ _CIFAR10_PY = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 _CIFAR10_BIN = tuple(f"{name}.bin" for name in _CIFAR10_PY)
 
 _PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
+
+#: Records in the official releases: per split (train, test) for MNIST, per file in the
+#: order of the layout's ``names`` for CIFAR (the same in both versions).
+_OFFICIAL_COUNTS: dict[str, tuple[int, ...]] = {
+    "mnist": (60_000, 10_000),
+    "cifar10": (10_000,) * 6,
+    "cifar100": (50_000, 10_000),
+}
 
 
 @dataclass(frozen=True)
@@ -295,8 +308,15 @@ def load_mnist(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     Raises
     ------
     DataError
-        If a file is missing, has the wrong magic number, is truncated, or holds a label
-        outside 0–9.
+        If a file is missing, has the wrong magic number, is truncated (holds fewer or
+        more bytes than its header declares) or holds a label outside 0–9, or if the
+        image and label files of a split differ in their number of items.
+
+    Warns
+    -----
+    UserWarning
+        If the files of a split are consistent but hold another number of items than the
+        official 60,000 (train) or 10,000 (test): the data is not the official MNIST.
     """
     paths = _locate("mnist", resolve_data_dir(root))
     buffers = _read_all(paths)
@@ -317,6 +337,22 @@ def load_mnist(root: PathLike | None = None) -> dict[str, torch.Tensor]:
         _check_labels(labels, 10, paths[i + 1])
         out[f"{split}_x"] = torch.from_numpy(images.reshape(-1, 1, 28, 28).copy())
         out[f"{split}_y"] = torch.from_numpy(labels.astype(np.int64))
+    # After both splits have parsed, so that a corrupt file is reported without a warning.
+    for split, i, expected in (
+        ("train", 0, _OFFICIAL_COUNTS["mnist"][0]),
+        ("test", 2, _OFFICIAL_COUNTS["mnist"][1]),
+    ):
+        found = len(out[f"{split}_y"])
+        if found != expected:
+            warnings.warn(
+                f"{paths[i]} and {paths[i + 1]} are not the official MNIST {split} files: "
+                f"image and label count {found:,}, expected {expected:,}. Results will not "
+                "be comparable with published MNIST numbers. If that is not deliberate, "
+                "replace both with the official files (or delete them and rerun with "
+                "--download to fetch them again).",
+                UserWarning,
+                stacklevel=2,
+            )
     return out
 
 
@@ -448,7 +484,13 @@ def read_cifar10_batch(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     Raises
     ------
     DataError
-        If the file is missing or corrupt.
+        If the file is missing or corrupt: unreadable, not a whole number of records,
+        or holding a label outside 0–9.
+
+    Notes
+    -----
+    The record count ``N`` is not checked against the official 10,000 per batch, so
+    that any file in this format can be read; :func:`load_cifar10` checks it.
     """
     path = Path(path)
     if not path.is_file():
@@ -465,6 +507,13 @@ def _load_cifar(
     paths = _locate(task, resolve_data_dir(root))
     binary = _is_binary_name(paths[0])
     parts = [parse(buf, path, binary) for buf, path in zip(_read_all(paths), paths, strict=True)]
+    # After every file has parsed, so that a corrupt file is reported as such.
+    for (_, labels), path, expected in zip(parts, paths, _OFFICIAL_COUNTS[task], strict=True):
+        if len(labels) != expected:
+            raise DataError(
+                f"{path} is truncated or is not the official {_LAYOUTS[task][0]} file: image "
+                f"count {len(labels):,}, expected {expected:,}. " + _replace_hint(path)
+            )
     train_x, train_y = _to_tensors(parts[:-1])
     test_x, test_y = _to_tensors(parts[-1:])
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
@@ -490,9 +539,9 @@ def load_cifar10(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     Raises
     ------
     DataError
-        If neither version is complete, a file is truncated or corrupt, or a label lies
-        outside 0–9. Record counts are checked for consistency within each file, not
-        against the official 50,000 / 10,000.
+        If neither version is complete, a file is truncated or corrupt, a label lies
+        outside 0–9, or a file holds another number of images than the official 10,000
+        (five training batches and a test batch, 50,000 / 10,000 in all).
     """
 
     def parse(buf: bytes, path: Path, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -524,8 +573,9 @@ def load_cifar100(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     Raises
     ------
     DataError
-        If neither version is complete, a file is truncated or corrupt, or a label is
-        out of range (fine 0–99; coarse 0–19 in the binary version).
+        If neither version is complete, a file is truncated or corrupt, a label is out
+        of range (fine 0–99; coarse 0–19 in the binary version), or a file holds another
+        number of images than the official 50,000 (train) or 10,000 (test).
     """
 
     def parse(buf: bytes, path: Path, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -663,8 +713,25 @@ def load_ptb(root: PathLike | None = None, vocab_size: int | None = None) -> Cor
     ------
     DataError
         If a file is missing or is not UTF-8.
+
+    Warns
+    -----
+    UserWarning
+        For each file whose md5 digest is not that of Mikolov's official file (a
+        truncated or edited copy, or another version of PTB); the file is still loaded.
     """
     paths = _locate("ptb", resolve_data_dir(root))
+    for path in paths:
+        expected = _PTB_MD5[path.name]
+        actual = _file_digest(path, "md5", gunzip=False)
+        if actual != expected:
+            warnings.warn(
+                f"{path} is not the official Mikolov PTB file (md5 digest mismatch: got "
+                f"{actual}, expected {expected}); it is truncated, edited or another version. "
+                "Results on it will not be comparable with published PTB numbers.",
+                UserWarning,
+                stacklevel=2,
+            )
     return load_text_corpus(paths[0].parent, _PTB_FILES, vocab_size)
 
 
