@@ -1150,7 +1150,12 @@ class FactoredSphericalLoss(nn.Module):
                 torch.add(WR, SRR, alpha=0.5, out=Y)
             Y.sub_(J_inner).addr_(neg_g, u, alpha=-1.0)
         torch.add(Y, Y.T if woodbury else ws.Y_T, out=inc_Q)
-        self.V.index_put_((c,), dV, accumulate=True)
+        if H.device.type == "cpu":
+            # (On the CPU index_add_ takes less time than index_put_ with accumulate, and it
+            # is deterministic there; on CUDA its atomic adds are not.)
+            self.V.index_add_(0, c, dV)
+        else:
+            self.V.index_put_((c,), dV, accumulate=True)
         S = self._state.addcmul_(ws.inc_main, ws.column_scale)
         if a != 1.0:
             S[:, : 2 * d + 2].mul_(a)
