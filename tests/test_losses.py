@@ -689,7 +689,7 @@ def test_probability_target_shape_and_margin_errors() -> None:
         sl.taylor_cross_entropy(x, torch.rand(3, 4), margin=0.5)
     with pytest.raises(ValueError, match="margin"):
         sl.taylor_cross_entropy(x, torch.tensor([0, 1, 2]), margin=0.5, label_smoothing=0.1)
-    with pytest.raises(ValueError, match=r"dim must be in \[-2, 1\].*got 2"):
+    with pytest.raises(IndexError, match=r"dim must be in \[-2, 1\].*got 2"):
         sl.taylor_softmax(x, dim=2)
     with pytest.raises(ValueError, match=r"dim must be an integer.*got None"):
         sl.TaylorSoftmax(dim=None)(x)  # type: ignore[arg-type]
@@ -702,3 +702,81 @@ def test_non_spherical_members_say_so() -> None:
         member.loss_and_partials(torch.zeros(1), torch.zeros(1), torch.zeros(1), 3)
     with pytest.raises(ValueError, match="at least 2 classes"):
         sl.softmax_upper_bound_loss(torch.randn(3, 1), torch.zeros(3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------
+# edge cases: Taylor at x = −1, scalars
+
+
+def test_taylor_second_derivative_at_minus_one() -> None:
+    # log(1 + x + x²/2) = log(((1 + x)² + 1) / 2) has second derivative 2 at x = −1.
+    y = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(family.taylor_polynomial_log(y, 2), y, create_graph=True)
+    (h,) = torch.autograd.grad(g, y)
+    assert g.item() == 0.0 and h.item() == 2.0
+    x = torch.tensor(
+        [[-1.0, 0.3, 2.0], [-1.0, -1.0, -3.5], [-1.0, -2.0, 0.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    for fn in (sl.log_taylor_softmax, sl.taylor_softmax, lambda x: sl.taylor_softmax(x, 0)):
+        assert torch.autograd.gradcheck(fn, (x,))
+        assert torch.autograd.gradgradcheck(fn, (x,))
+    t = torch.tensor([0, 1, 2])
+    soft = torch.softmax(x.detach() * 3, 1)
+    for loss in (
+        lambda x: sl.taylor_cross_entropy(x, t, label_smoothing=0.2),
+        lambda x: sl.taylor_cross_entropy(x, soft),
+    ):
+        assert torch.autograd.gradgradcheck(loss, (x,))
+
+
+SCALAR_MAPS = {
+    "taylor_softmax": (sl.taylor_softmax, torch.softmax),
+    "log_taylor_softmax": (sl.log_taylor_softmax, torch.log_softmax),
+    "spherical_softmax": (sl.spherical_softmax, torch.softmax),
+    "log_spherical_softmax": (sl.log_spherical_softmax, torch.log_softmax),
+    "log_taylor_softmax order 4": (
+        lambda x, dim: sl.log_taylor_softmax(x, dim, order=4),
+        torch.log_softmax,
+    ),
+    "TaylorSoftmax": (lambda x, dim: sl.TaylorSoftmax(dim)(x), torch.softmax),
+    "SphericalSoftmax": (lambda x, dim: sl.SphericalSoftmax(dim, eps=0.5)(x), torch.softmax),
+}
+
+
+@pytest.mark.parametrize("name", list(SCALAR_MAPS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_probability_maps_of_a_scalar_follow_torch_softmax(name: str, dtype) -> None:
+    # A 0-dim tensor is one class, as for torch.softmax: dim 0 or -1, and an IndexError beyond.
+    fn, torch_fn = SCALAR_MAPS[name]
+    for value in (2.0, -1.0, 0.0, -7.5):
+        x = torch.tensor(value, dtype=dtype, requires_grad=dtype == torch.float64)
+        for dim in (0, -1):
+            got, want = fn(x, dim), torch_fn(x, dim)
+            assert got.shape == want.shape == () and got.dtype == want.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            if x.requires_grad:
+                (grad,) = torch.autograd.grad(got, x)
+                (expected,) = torch.autograd.grad(want, x)
+                torch.testing.assert_close(grad, expected, rtol=0, atol=1e-15)
+        for dim in (1, -2, 5):
+            with pytest.raises(IndexError):
+                torch_fn(x, dim)
+            with pytest.raises(IndexError, match=rf"dim must be in \[-1, 0\].*got {dim}"):
+                fn(x, dim)
+
+
+@pytest.mark.parametrize("name", list(SCALAR_MAPS))
+def test_probability_maps_dim_errors_like_torch(name: str) -> None:
+    fn, torch_fn = SCALAR_MAPS[name]
+    x = torch.randn(3, 4)
+    for dim in (2, -3):
+        with pytest.raises(IndexError):
+            torch_fn(x, dim)
+        with pytest.raises(IndexError, match=rf"dim must be in \[-2, 1\].*got {dim}"):
+            fn(x, dim)
+    for bad in (None, 1.0, "1", True):
+        with pytest.raises(ValueError, match="dim must be an integer"):
+            fn(x, bad)
+    torch.testing.assert_close(fn(x, torch.tensor(1)), fn(x, 1))  # (any integer type)

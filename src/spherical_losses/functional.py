@@ -14,6 +14,7 @@ the member gives the per-example loss and ``(α, β, γ)`` in closed form, and t
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -137,13 +138,35 @@ def _class_index_shape(input: Tensor) -> tuple[int, ...]:
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
 
 
-def _check_input(input: Tensor) -> None:
+def _check_logits(input: Tensor) -> None:
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise ValueError(f"input must be a floating-point tensor of logits, got {input.dtype}")
+
+
+def _check_input(input: Tensor) -> None:
+    _check_logits(input)
     if input.dim() == 0:
         raise ValueError("input must have shape (C), (N, C) or (N, C, d1, ..., dK), got a scalar")
+
+
+def _check_dim(dim: int, ndim: int) -> int:
+    """``dim`` as torch.softmax takes it: any integer in ``[-n, n)`` with ``n = max(ndim, 1)``
+    (a 0-dim tensor is one class), an IndexError beyond; a ValueError if not an integer.
+    """
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        dim = operator.index(dim)
+    except TypeError:
+        raise ValueError(f"dim must be an integer (the class dimension), got {dim!r}") from None
+    n = max(ndim, 1)
+    if not -n <= dim < n:
+        raise IndexError(
+            f"dim must be in [{-n}, {n - 1}] for input of {ndim} dimensions, got {dim}"
+        )
+    return dim
 
 
 def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -481,14 +504,10 @@ def spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor
 
 
 def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:
-    _check_input(input)
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ValueError(f"dim must be an integer (the class dimension), got {dim!r}")
-    if not -input.dim() <= dim < input.dim():
-        raise ValueError(
-            f"dim must be in [{-input.dim()}, {input.dim() - 1}] for input of "
-            f"{input.dim()} dimensions, got {dim}"
-        )
+    _check_logits(input)
+    dim = _check_dim(dim, input.dim())
+    if input.dim() == 0:  # one class, as for torch.softmax
+        return _probability_map(member, input.unsqueeze(0), 0).squeeze(0)
     if input.shape[dim] == 0:  # no classes: an empty result, as torch.log_softmax gives
         return input.clone()
     return member.log_probs(input.to(compute_dtype(input.dtype)), dim=dim).to(input.dtype)
