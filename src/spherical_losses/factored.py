@@ -46,9 +46,10 @@ Design
 Cost of a step (forward, backward to ``h``, update), in multiply-adds: ``6 m d² + 5 d³`` on the
 ``d × d`` path with one extra series term, ``8 m d² + 7 m² d`` on the Woodbury path, against
 ``3 m D d`` for the dense layer: about the papers' ideal speedup ``D/(4d)``. At ``d ≈ 128`` a
-step (about 1 ms on 2 CPU cores) spends about half of its time on per-operation overhead (some
-70 small PyTorch operations, autograd, the member's partials), which bounds the speedup at
-small ``D``.
+step (about 1 ms on 2 CPU cores) spends about half of its time outside its matrix products: some
+60 small PyTorch operations, autograd and the member's partials, which pay a fixed cost per
+call and the memory traffic of the state and work buffers. That bounds the speedup at small
+``D`` (see ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
