@@ -436,13 +436,23 @@ def test_load_cifar10_record_count_checked_per_file(tmp_path: Path, version: str
 
 
 @pytest.mark.usefixtures("fixture_counts")
-def test_load_cifar10_binary_cut_at_record_boundary(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("task", "file", "record"),
+    [
+        ("cifar10", "cifar-10-batches-bin/data_batch_2.bin", 3073),
+        ("cifar100", "cifar-100-binary/test.bin", 3074),
+    ],
+)
+def test_load_cifar_binary_cut_at_record_boundary(
+    tmp_path: Path, task: str, file: str, record: int
+) -> None:
     """A binary batch cut after a whole record is still well-formed; its count gives it away."""
-    make_cifar10(tmp_path, "bin")
-    path = tmp_path / "cifar10" / "cifar-10-batches-bin" / "data_batch_2.bin"
-    path.write_bytes(path.read_bytes()[:-3073])
+    {"cifar10": make_cifar10, "cifar100": make_cifar100}[task](tmp_path, "bin")
+    path = tmp_path / task / file
+    path.write_bytes(path.read_bytes()[:-record])
+    load = {"cifar10": data.load_cifar10, "cifar100": data.load_cifar100}[task]
     with pytest.raises(data.DataError, match="image count 2, expected 3") as info:
-        data.load_cifar10(tmp_path)
+        load(tmp_path)
     assert str(path) in str(info.value)
 
 
@@ -600,16 +610,6 @@ def test_load_cifar100_rejects_unofficial_record_count(tmp_path: Path, version: 
     message = str(info.value)
     assert message.startswith(f"{path} is truncated or is not the official CIFAR-100 file")
     assert message.endswith(data._replace_hint(path))
-
-
-@pytest.mark.usefixtures("fixture_counts")
-def test_load_cifar100_binary_cut_at_record_boundary(tmp_path: Path) -> None:
-    make_cifar100(tmp_path, "bin")
-    path = tmp_path / "cifar100" / "cifar-100-binary" / "test.bin"
-    path.write_bytes(path.read_bytes()[:-3074])
-    with pytest.raises(data.DataError, match="image count 2, expected 3") as info:
-        data.load_cifar100(tmp_path)
-    assert str(path) in str(info.value)
 
 
 def test_load_cifar100_pickle_needs_fine_labels(tmp_path: Path) -> None:
