@@ -731,6 +731,19 @@ def test_taylor_second_derivative_at_minus_one() -> None:
         assert torch.autograd.gradgradcheck(loss, (x,))
 
 
+def test_taylor_gradient_at_nan_and_huge_logits() -> None:
+    # A NaN logit's own gradient is NaN, as with torch.log_softmax; the gradient at the largest
+    # finite logits is finite (each branch of the order-2 formula sees only its own inputs).
+    x = torch.tensor([math.nan, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sl.log_taylor_softmax(x)[1], x)
+    assert grad.isnan().all()
+    top = torch.finfo(torch.float64).max
+    y = torch.tensor([top, -top, 1.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(family.taylor_polynomial_log(y, 2).sum(), y)
+    assert grad.isfinite().all()
+    torch.testing.assert_close(grad[2], torch.tensor(2.0 * 2.0 / 5.0, dtype=torch.float64))
+
+
 SCALAR_MAPS = {
     "taylor_softmax": (sl.taylor_softmax, torch.softmax),
     "log_taylor_softmax": (sl.log_taylor_softmax, torch.log_softmax),
@@ -776,7 +789,7 @@ def test_probability_maps_dim_errors_like_torch(name: str) -> None:
             torch_fn(x, dim)
         with pytest.raises(IndexError, match=rf"dim must be in \[-2, 1\].*got {dim}"):
             fn(x, dim)
-    for bad in (None, 1.0, "1", True):
+    for bad in (None, 1.0, "1", True, torch.tensor(True), torch.tensor([1])):
         with pytest.raises(ValueError, match="dim must be an integer"):
             fn(x, bad)
     torch.testing.assert_close(fn(x, torch.tensor(1)), fn(x, 1))  # (any integer type)

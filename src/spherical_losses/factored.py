@@ -1153,7 +1153,7 @@ class FactoredSphericalLoss(nn.Module):
         torch.add(Y, Y.T if woodbury else ws.Y_T, out=inc_Q)
         if H.device.type == "cpu":
             # (On the CPU index_add_ takes less time than index_put_ with accumulate, and it
-            # is deterministic there; on CUDA its atomic adds are not.)
+            # adds V's rows deterministically there; on CUDA its atomic adds would not.)
             self.V.index_add_(0, c, dV)
         else:
             self.V.index_put_((c,), dV, accumulate=True)

@@ -187,16 +187,17 @@ def taylor_polynomial_log(x: Tensor, order: int) -> Tensor:
     if order == 2:
         # 1 + x + x²/2 = ((1 + x)² + 1) / 2: positive terms, no cancellation; factoring out
         # (1 + x)² where it is large keeps the square from overflowing. Each branch sees its
-        # own inputs only (clamped), so that neither overflows in the gradient; the small one
-        # takes 1 + x itself, not |1 + x| (autograd takes the derivative of |y| at 0 as 0,
-        # which made the second derivative 0, not 2, at x = −1).
+        # own inputs only, so that neither overflows in the gradient (a NaN still reaches the
+        # small one); the small one takes 1 + x itself, not |1 + x| (autograd takes the
+        # derivative of |y| at 0 as 0, which made the second derivative 0, not 2, at x = −1).
         y = x + 1.0
         a = y.abs()
+        big = a > 1.0
         ys = a.clamp(min=1.0)
         return torch.where(
-            a > 1.0,
+            big,
             2.0 * torch.log(ys) + torch.log1p(torch.reciprocal(ys).square()),
-            torch.log1p(torch.square(y.clamp(-1.0, 1.0))),
+            torch.log1p(torch.square(torch.where(big, 0.0, y))),
         ) - math.log(2.0)
     m = x.abs().clamp(min=1.0)
     u = x / m

@@ -156,7 +156,10 @@ def _check_dim(dim: int, ndim: int) -> int:
     (a 0-dim tensor is one class), an IndexError beyond; a ValueError if not an integer.
     """
     try:
-        if isinstance(dim, bool):
+        # (operator.index takes True and one-element tensors too; torch.softmax does not.)
+        if isinstance(dim, bool) or (
+            isinstance(dim, Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)
+        ):
             raise TypeError
         dim = operator.index(dim)
     except TypeError:
