@@ -32,6 +32,10 @@ from spherical_losses.experiments.train import (
 )
 from spherical_losses.family import get_member
 
+# The MNIST look-alike files below are small, so the loader warns that they are not the
+# official MNIST (tests/test_data.py checks that warning).
+pytestmark = pytest.mark.filterwarnings("ignore:.*are not the official MNIST:UserWarning")
+
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 

@@ -14,12 +14,12 @@ All readers work offline on files laid out under a data directory (see
 
 Every MNIST and CIFAR file may be stored uncompressed or compressed as ``NAME.gz`` or
 ``NAME.xz``; it is decompressed in memory. Missing or corrupt files raise
-:class:`DataError`, whose message says which files to put where. So does a CIFAR file
-with another record count than the official one (a binary batch cut after a whole record
-is still well-formed). MNIST files with consistent headers but unofficial counts, and PTB
-files whose md5 is not the official one, load with a :class:`UserWarning`: results on
-them are not comparable with published numbers. :func:`download` fetches the official
-files and verifies their checksums.
+:class:`DataError`, whose message says which files to put where. So does a binary CIFAR
+file with another record count than the official one (a batch cut after a whole record is
+still well-formed). Python-version CIFAR files and MNIST files with unofficial counts, and
+PTB files with other token counts than the official ones, load with a :class:`UserWarning`:
+results on them are not comparable with published numbers. :func:`download` fetches the
+official files and verifies their checksums.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ _OFFICIAL_COUNTS: dict[str, tuple[int, ...]] = {
     "mnist": (60_000, 10_000),
     "cifar10": (10_000,) * 6,
     "cifar100": (50_000, 10_000),
+    "ptb": (929_589, 73_760, 82_430),  # tokens, <eos> included
 }
 
 
@@ -507,13 +508,24 @@ def _load_cifar(
     paths = _locate(task, resolve_data_dir(root))
     binary = _is_binary_name(paths[0])
     parts = [parse(buf, path, binary) for buf, path in zip(_read_all(paths), paths, strict=True)]
-    # After every file has parsed, so that a corrupt file is reported as such.
+    # After every file has parsed, so that a corrupt file is reported as such. A binary file
+    # cut after a whole record parses, so another count there is an error; a pickle cannot be
+    # cut silently, so another count there is another dataset, loaded with a warning.
     for (_, labels), path, expected in zip(parts, paths, _OFFICIAL_COUNTS[task], strict=True):
-        if len(labels) != expected:
+        if len(labels) == expected:
+            continue
+        name = _LAYOUTS[task][0]
+        if binary:
             raise DataError(
-                f"{path} is truncated or is not the official {_LAYOUTS[task][0]} file: image "
-                f"count {len(labels):,}, expected {expected:,}. " + _replace_hint(path)
+                f"{path} is truncated or is not the official {name} file: image count "
+                f"{len(labels):,}, expected {expected:,}. " + _replace_hint(path)
             )
+        warnings.warn(
+            f"{path} is not the official {name} file: image count {len(labels):,}, expected "
+            f"{expected:,}. Results will not be comparable with published {name} numbers.",
+            UserWarning,
+            stacklevel=3,
+        )
     train_x, train_y = _to_tensors(parts[:-1])
     test_x, test_y = _to_tensors(parts[-1:])
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
@@ -540,8 +552,13 @@ def load_cifar10(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     ------
     DataError
         If neither version is complete, a file is truncated or corrupt, a label lies
-        outside 0–9, or a file holds another number of images than the official 10,000
-        (five training batches and a test batch, 50,000 / 10,000 in all).
+        outside 0–9, or a binary file holds another number of images than the official
+        10,000 (five training batches and a test batch, 50,000 / 10,000 in all).
+
+    Warns
+    -----
+    UserWarning
+        If a python-version file holds another number of images than the official 10,000.
     """
 
     def parse(buf: bytes, path: Path, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -574,8 +591,13 @@ def load_cifar100(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     ------
     DataError
         If neither version is complete, a file is truncated or corrupt, a label is out
-        of range (fine 0–99; coarse 0–19 in the binary version), or a file holds another
-        number of images than the official 50,000 (train) or 10,000 (test).
+        of range (fine 0–99; coarse 0–19 in the binary version), or a binary file holds
+        another number of images than the official 50,000 (train) or 10,000 (test).
+
+    Warns
+    -----
+    UserWarning
+        If a python-version file holds another number of images than the official one.
     """
 
     def parse(buf: bytes, path: Path, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -717,22 +739,24 @@ def load_ptb(root: PathLike | None = None, vocab_size: int | None = None) -> Cor
     Warns
     -----
     UserWarning
-        For each file whose md5 digest is not that of Mikolov's official file (a
-        truncated or edited copy, or another version of PTB); the file is still loaded.
+        For each file whose token count is not that of Mikolov's official file (a truncated
+        or edited copy, or another version of PTB); the file is still loaded.
     """
     paths = _locate("ptb", resolve_data_dir(root))
-    for path in paths:
-        expected = _PTB_MD5[path.name]
-        actual = _file_digest(path, "md5", gunzip=False)
-        if actual != expected:
+    corpus = load_text_corpus(paths[0].parent, _PTB_FILES, vocab_size)
+    # After parsing, so that a corrupt file is reported without a warning; counted in tokens
+    # (not bytes), so that a copy with other line endings is the same corpus.
+    found = (len(corpus.train), len(corpus.valid), len(corpus.test))
+    for path, count, expected in zip(paths, found, _OFFICIAL_COUNTS["ptb"], strict=True):
+        if count != expected:
             warnings.warn(
-                f"{path} is not the official Mikolov PTB file (md5 digest mismatch: got "
-                f"{actual}, expected {expected}); it is truncated, edited or another version. "
+                f"{path} is not the official Mikolov PTB file: {count:,} tokens (<eos> "
+                f"included), expected {expected:,}; it is truncated, edited or another version. "
                 "Results on it will not be comparable with published PTB numbers.",
                 UserWarning,
                 stacklevel=2,
             )
-    return load_text_corpus(paths[0].parent, _PTB_FILES, vocab_size)
+    return corpus
 
 
 # ----------------------------------------------------------------------------- token streams
