@@ -817,6 +817,32 @@ def test_non_finite_gradient_is_not_applied() -> None:
     assert issubclass(sl.NonFiniteUpdateError, RuntimeError)
 
 
+def test_cpu_training_is_bitwise_reproducible() -> None:
+    # With repeated targets and m·d above PyTorch's parallel grain, V's rows were updated by
+    # index_put_(accumulate=True) with atomic float adds on several threads (different bits
+    # from run to run); index_add_ adds them in order.
+    def train() -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = FactoredSphericalLoss(128, 200, "taylor")
+        opt = FactoredSGD(layer, lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            h = torch.randn(512, 128, generator=gen)
+            target = torch.randint(0, 5, (512,), generator=gen)  # many repeated targets
+            opt.zero_grad()
+            layer(h, target).backward()
+            opt.step()
+        return layer.V.clone()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        first = train()
+        assert all(torch.equal(first, train()) for _ in range(4))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", ["m > d", "m < d"])
 @pytest.mark.parametrize("member", MEMBERS)
