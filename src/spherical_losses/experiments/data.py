@@ -96,12 +96,13 @@ _CIFAR10_BIN = tuple(f"{name}.bin" for name in _CIFAR10_PY)
 _PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 
 #: Records in the official releases: per split (train, test) for MNIST, per file in the
-#: order of the layout's ``names`` for CIFAR (the same in both versions).
+#: order of the layout's ``names`` for CIFAR (the same in both versions), and tokens per
+#: file (train, valid, test) for PTB.
 _OFFICIAL_COUNTS: dict[str, tuple[int, ...]] = {
     "mnist": (60_000, 10_000),
     "cifar10": (10_000,) * 6,
     "cifar100": (50_000, 10_000),
-    "ptb": (929_589, 73_760, 82_430),  # tokens, <eos> included
+    "ptb": (929_589, 73_760, 82_430),  # <eos> included
 }
 
 
