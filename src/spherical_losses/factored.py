@@ -63,12 +63,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import _conventions as conventions
 from . import family
 from .family import Member, SphericalMember
 
 __all__ = ["FactoredSGD", "FactoredSphericalLoss"]
 
-_REDUCTIONS = ("none", "mean", "sum")
 # The small state, kept in float64 whatever the dtype of V.
 _STATE = ("U", "U_inv", "omega", "Q", "w_bar")
 # Singular values of U are kept in [2^-20, 2^20]; only overflow of V depends on this.
@@ -433,8 +433,7 @@ class FactoredSphericalLoss(nn.Module):
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        conventions.check_reduction(reduction)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -750,12 +749,7 @@ class FactoredSphericalLoss(nn.Module):
         targets kept (``None`` when all are).
         """
         rows, unbatched = self._check_input(input)
-        if not isinstance(target, Tensor):
-            raise ValueError(f"target must be a tensor, got {type(target).__name__}")
-        if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-            raise ValueError(
-                f"target must hold class indices (an integer tensor), got {target.dtype}"
-            )
+        target = conventions.class_indices(target)
         expected = () if unbatched else (rows.shape[0],)
         if tuple(target.shape) != expected:
             raise ValueError(
@@ -766,8 +760,6 @@ class FactoredSphericalLoss(nn.Module):
             raise ValueError(f"target is on {target.device} but the input is on {rows.device}")
         if unbatched:
             target = target.reshape(1)
-        if target.dtype != torch.long:
-            target = target.long()
         if target.numel() == 0:
             return rows, target, None, unbatched
         if not 0 <= self.ignore_index < self.num_classes:
@@ -775,14 +767,7 @@ class FactoredSphericalLoss(nn.Module):
             low, high = torch.aminmax(target)
             if 0 <= int(low) and int(high) < self.num_classes:
                 return rows, target, None, unbatched
-        valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= self.num_classes))
-        if bool(bad.any()):
-            value = int(target[bad][0])
-            raise ValueError(
-                f"Target {value} is out of bounds for {self.num_classes} classes "
-                f"(expected 0 <= target < {self.num_classes}, or ignore_index={self.ignore_index})"
-            )
+        valid = conventions.target_mask(target, self.num_classes, self.ignore_index)
         return rows, target.masked_fill(~valid, 0), valid, unbatched
 
     def _augment(self, rows: Tensor) -> Tensor:

@@ -13,13 +13,13 @@ the member gives the per-example loss and ``(α, β, γ)`` in closed form, and t
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _conventions as conventions
 from . import family
 from .family import LogSoftmax, Member, SphericalMember
 
@@ -35,8 +35,6 @@ __all__ = [
     "taylor_softmax",
     "z_loss",
 ]
-
-_REDUCTIONS = ("none", "mean", "sum")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,25 +113,6 @@ def _differentiable_gradient(
 # input checks
 
 
-def _check_options(reduction: str, label_smoothing: float) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-
-
-def _check_weight(weight: Tensor | None, num_classes: int) -> None:
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {weight!r}")
-    if weight.dim() != 1 or weight.numel() != num_classes:
-        raise ValueError(
-            f"weight must be a 1-D tensor of {num_classes} elements (one per class), "
-            f"got shape {tuple(weight.shape)}"
-        )
-
-
 def _class_index_shape(input: Tensor) -> tuple[int, ...]:
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
 
@@ -173,12 +152,8 @@ def _check_dim(dim: int, ndim: int) -> int:
 
 
 def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Checks class-index targets; returns them as int64 (any integer dtype is taken as
-    indices) and the mask of positions not ignored.
-    """
-    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-        raise ValueError(f"target must hold class indices (an integer tensor), got {target.dtype}")
-    target = target.long()
+    """Checks class-index targets; returns them as int64 and the mask of positions kept."""
+    target = conventions.class_indices(target)
     expected = _class_index_shape(input)
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -186,15 +161,7 @@ def _check_class_target(input: Tensor, target: Tensor, ignore_index: int) -> tup
             f"{tuple(input.shape)}, got {tuple(target.shape)}"
         )
     num_classes = input.shape[0 if input.dim() == 1 else 1]
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise ValueError(
-            f"Target {value} is out of bounds for {num_classes} classes "
-            f"(expected 0 <= target < {num_classes}, or ignore_index={ignore_index})"
-        )
-    return target, valid
+    return target, conventions.target_mask(target, num_classes, ignore_index)
 
 
 def _to_rows(t: Tensor, class_dim: bool) -> Tensor:
@@ -254,9 +221,10 @@ def spherical_loss(
     """
     member = family.get_member(member)
     _check_input(input)
-    _check_options(reduction, label_smoothing)
+    conventions.check_reduction(reduction)
+    conventions.check_label_smoothing(label_smoothing)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
-    _check_weight(weight, num_classes)
+    conventions.check_weight(weight, num_classes)
     if not isinstance(target, Tensor):
         raise ValueError(f"target must be a tensor, got {type(target).__name__}")
     probability_target = target.is_floating_point()
@@ -309,29 +277,15 @@ def spherical_loss(
     w = rows_valid.to(per_example.dtype)
     if weight is not None:
         w = w * weight.to(per_example.dtype)[rows_target]
-    loss = _reduce(per_example * w, w, reduction, target.shape)
+    loss = conventions.weighted_reduce(per_example * w, w, reduction, target.shape)
     if label_smoothing > 0:
         logp = member.log_probs(logits.to(compute_dtype(logits.dtype)), dim=-1)
         smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
         smooth = smooth.masked_fill(~rows_valid, 0.0)
-        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * _reduce(
-            smooth, w, reduction, target.shape
-        )
+        loss = (1.0 - label_smoothing) * loss + (
+            label_smoothing / num_classes
+        ) * conventions.weighted_reduce(smooth, w, reduction, target.shape)
     return loss.to(input.dtype)
-
-
-def _reduce(values: Tensor, weights: Tensor, reduction: str, shape: torch.Size) -> Tensor:
-    if reduction == "none":
-        return values.reshape(shape)
-    if reduction == "sum":
-        return values.sum()
-    # As F.cross_entropy when every target is ignored: the mean is NaN (0/0) but its gradient
-    # zero, so that such a minibatch leaves the weights alone (a plain 0/0 gives NaN gradients,
-    # which SGD writes into every weight). The same when the kept targets all weigh 0, where
-    # F.cross_entropy's gradient is NaN. No synchronization with the device.
-    total = weights.sum()
-    nothing = total == 0
-    return (values.sum() / total.masked_fill(nothing, 1.0)).masked_fill(nothing, math.nan)
 
 
 def _probability_target_loss(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from . import _conventions as conventions
 from . import family
 from . import functional as F
 from .family import Member
@@ -51,9 +52,10 @@ class SphericalLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.member = family.get_member(member)
-        F._check_options(reduction, label_smoothing)
+        conventions.check_reduction(reduction)
+        conventions.check_label_smoothing(label_smoothing)
         if weight is not None:  # (its size is checked against the input's classes per call)
-            F._check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0)
+            conventions.check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0)
         if label_smoothing > 0 and not self.member.has_probabilities:
             raise ValueError(
                 f"the {self.member.name!r} loss defines no class probabilities, so it takes "
