@@ -13,33 +13,19 @@ the member gives the per-example loss and ``(α, β, γ)`` in closed form, and t
 
 from __future__ import annotations
 
+import inspect
 import operator
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _conventions as conventions
 from . import family
-from .family import LogSoftmax, Member, SphericalMember
+from .family import Member, SphericalMember, compute_dtype
 
-__all__ = [
-    "log_spherical_softmax",
-    "log_taylor_softmax",
-    "softmax_upper_bound_loss",
-    "spherical_cross_entropy",
-    "spherical_loss",
-    "spherical_mse_loss",
-    "spherical_softmax",
-    "taylor_cross_entropy",
-    "taylor_softmax",
-    "z_loss",
-]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+# The named losses and probability maps are appended as they are made, at the end.
+__all__ = ["spherical_loss"]
 
 
 class _SphericalLossFunction(torch.autograd.Function):
@@ -247,19 +233,12 @@ def spherical_loss(
             )
     else:
         target, valid = _check_class_target(input, target, ignore_index)
-    if isinstance(member, LogSoftmax):
-        dtype = compute_dtype(input.dtype)
-        return F.cross_entropy(
-            input.to(dtype),
-            target.to(dtype) if probability_target else target,
-            None if weight is None else weight.to(dtype),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-        ).to(input.dtype)
+    native = member.native_loss(input, target, weight, ignore_index, reduction, label_smoothing)
+    if native is not None:
+        return native.to(input.dtype)
     if probability_target:
         return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
-    if getattr(member, "margin", 0.0) and label_smoothing > 0:
+    if member.margin and label_smoothing > 0:
         raise ValueError(
             "label_smoothing needs the model's probabilities, which a margin changes per "
             "target; use margin=0"
@@ -298,7 +277,7 @@ def _probability_target_loss(
 ) -> Tensor:
     # As F.cross_entropy with class-probability targets: −Σ_k w_k t_k log p_k per position;
     # 'mean' divides by the number of positions.
-    if getattr(member, "margin", 0.0):
+    if member.margin:
         raise ValueError("a margin needs class-index targets (it shifts the target class's output)")
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
@@ -327,137 +306,163 @@ def _probability_target_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# the named losses
+# the named losses and probability maps, made from the registry (family.register)
+
+_LOSS_ARGUMENTS = "input, target, weight, ignore_index, reduction, label_smoothing"
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
-def taylor_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    order: int = 2,
-    margin: float = 0.0,
-) -> Tensor:
-    """Log-Taylor softmax cross-entropy: ``−log p_c`` with ``p_k ∝ Σ_{j≤n} o_k^j / j!``.
-
-    For ``order=2``: ``L = −log(1 + o_c + o_c²/2) + log(D + s + q/2)``. Arguments as
-    :func:`spherical_loss`; ``order`` is an even ``n ≥ 2``, ``margin ≥ 0`` a soft margin on the
-    target (training only; see :class:`spherical_losses.family.Taylor`).
+def bind_options(
+    registration: family.Registration,
+    names: tuple[str, ...],
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    where: str,
+) -> dict[str, object]:
+    """A generated wrapper's member options: its extra positional ``args`` and ``kwargs``,
+    which may name ``names`` only, over the member's defaults; a TypeError as Python's own.
     """
-    return spherical_loss(
-        input,
-        target,
-        family.Taylor(order, margin),
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
+    if len(args) > len(names):
+        raise TypeError(
+            f"{where}() takes at most {len(names)} option(s) after its other arguments "
+            f"({', '.join(names) or 'none'}), got {len(args)}: {args!r}"
+        )
+    options = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+        if key in options:
+            raise TypeError(f"{where}() got multiple values for argument {key!r}")
+        options[key] = value
+    return {
+        p.name: options.get(p.name, p.default) for p in registration.options() if p.name in names
+    }
+
+
+def describe(
+    registration: family.Registration,
+    lead: str,
+    common: str,
+    names: tuple[str, ...],
+    tail: str,
+) -> str:
+    """A generated object's docstring: ``lead``, the member's description, the ``common``
+    Parameters entries, the member's entries for ``names``, then ``tail``.
+    """
+    description, entries = registration.documentation()
+    options = [
+        entries.get(n, f"{n}\n    See :class:`{_member_path(registration)}`.") for n in names
+    ]
+    parameters = "\n".join([common, *options])
+    return f"{lead}\n\n{description}\n\nParameters\n----------\n{parameters}\n\n{tail}\n"
+
+
+def _member_path(registration: family.Registration) -> str:
+    return f"~spherical_losses.family.{registration.member.__name__}"
+
+
+def _publish(fn: Callable[..., Tensor], name: str, signature: inspect.Signature, doc: str) -> None:
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.__doc__ = doc
+    globals()[name] = fn
+    __all__.append(name)
+
+
+def _loss_function(registration: family.Registration, name: str) -> None:
+    cls = registration.member
+    names = tuple(p.name for p in registration.options())
+
+    def loss(
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        member = (
+            cls(**bind_options(registration, names, args, kwargs, name))
+            if args or kwargs
+            else cls()
+        )
+        return spherical_loss(
+            input, target, member, weight, ignore_index, reduction, label_smoothing
+        )
+
+    common = [p for p in inspect.signature(spherical_loss, eval_str=True).parameters.values()]
+    common = [p for p in common if p.name != "member"]
+    options = [p.replace(kind=_POSITIONAL) for p in registration.options()]
+    smoothing = (
+        ""
+        if cls.has_probabilities
+        else " (``label_smoothing`` must stay 0: the member defines no probabilities)"
     )
-
-
-def spherical_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    eps: float = 0.01,
-) -> Tensor:
-    """Log-spherical softmax cross-entropy: ``L = −log(o_c² + ε) + log(q + Dε)``.
-
-    Arguments as :func:`spherical_loss`; ``eps > 0``.
-    """
-    return spherical_loss(
-        input, target, family.Spherical(eps), weight, ignore_index, reduction, label_smoothing
+    see_also = (
+        f"spherical_losses.family.{cls.__name__} : the member, a function of ``(s, q, o_c, D)``."
     )
-
-
-def z_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    a: float = 1.0,
-    b: float = 0.0,
-) -> Tensor:
-    """Z-loss (de Brébisson & Vincent 2016): ``softplus(a(b − z))/a`` of the target's z-score.
-
-    ``z = (o_c − μ)/σ`` with ``μ``, ``σ`` the mean and standard deviation of the outputs.
-    Not the ``(log Z)²`` penalty that language-model code also calls "z-loss". Defines no
-    probabilities, so ``label_smoothing`` must be 0. Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.ZScore(a, b), weight, ignore_index, reduction, label_smoothing
+    if registration.loss_module:
+        see_also += f"\nspherical_losses.{registration.loss_module} : the same loss as a module."
+    doc = describe(
+        registration,
+        f"The loss of :class:`{_member_path(registration)}`, with the conventions of "
+        ":func:`torch.nn.functional.cross_entropy`.",
+        f"{_LOSS_ARGUMENTS}\n    As for :func:`~spherical_losses.spherical_loss`{smoothing}.",
+        names,
+        "Returns\n-------\nTensor\n    A scalar, or for ``reduction='none'`` the target's "
+        f"shape (0 at ignored positions).\n\nSee Also\n--------\n{see_also}",
     )
+    _publish(loss, name, inspect.Signature([*common, *options], return_annotation=Tensor), doc)
 
 
-def softmax_upper_bound_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    xi: float | None = None,
-) -> Tensor:
-    """Spherical upper bound of the softmax cross-entropy (Bouchard 2007, Jaakkola–Jordan).
+def _softmax_functions(registration: family.Registration, name: str) -> None:
+    cls = registration.member
+    names = registration.softmax_options
+    log_name = "log_" + name
 
-    ``xi=None`` (default) uses the per-example ξ that minimizes the bound. Always ≥
-    :func:`~torch.nn.functional.cross_entropy`. Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.SoftmaxBound(xi), weight, ignore_index, reduction, label_smoothing
+    def log_softmax(input: Tensor, dim: int = -1, *args: object, **kwargs: object) -> Tensor:
+        return _probability_map(
+            cls(**bind_options(registration, names, args, kwargs, log_name)), input, dim
+        )
+
+    def softmax(input: Tensor, dim: int = -1, *args: object, **kwargs: object) -> Tensor:
+        member = cls(**bind_options(registration, names, args, kwargs, name))
+        return _probability_map(member, input, dim).exp()
+
+    parameters = [
+        inspect.Parameter("input", _POSITIONAL, annotation=Tensor),
+        inspect.Parameter("dim", _POSITIONAL, default=-1, annotation=int),
+        *(p.replace(kind=_POSITIONAL) for p in registration.options() if p.name in names),
+    ]
+    signature = inspect.Signature(parameters, return_annotation=Tensor)
+    common = (
+        "input : Tensor\n    Logits of any shape (a 0-dim tensor is one class, as for "
+        ":func:`torch.softmax`).\ndim : int\n    The class dimension, as for :func:`torch.softmax`."
     )
+    for fn, fn_name, what in (
+        (log_softmax, log_name, "log-probabilities"),
+        (softmax, name, "probabilities"),
+    ):
+        doc = describe(
+            registration,
+            f"The class {what} of :class:`{_member_path(registration)}` along ``dim``.",
+            common,
+            names,
+            f"Returns\n-------\nTensor\n    The {what}, of the input's shape and dtype (half "
+            "precision is computed in float32).",
+        )
+        _publish(fn, fn_name, signature, doc)
 
 
-def spherical_mse_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Squared error to the one-hot target, ``‖o − e_c‖² = q − 2o_c + 1``, per example.
-
-    Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.SquaredError(), weight, ignore_index, reduction, label_smoothing
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# probability maps
-
-
-def log_taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
-    """``log p`` with ``p_k = f_n(o_k) / Σ_i f_n(o_i)``, ``f_n(x) = Σ_{j≤n} x^j / j!``.
-
-    ``order`` is an even ``n ≥ 2`` (odd orders can give negative "probabilities").
-    """
-    return _probability_map(family.Taylor(order), input, dim)
-
-
-def taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
-    """Taylor softmax ``p_k = f_n(o_k) / Σ_i f_n(o_i)``; see :func:`log_taylor_softmax`."""
-    return log_taylor_softmax(input, dim, order).exp()
-
-
-def log_spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
-    """``log p`` with ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``, ``ε > 0``."""
-    return _probability_map(family.Spherical(eps), input, dim)
-
-
-def spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
-    """Spherical softmax ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``; see
-    :func:`log_spherical_softmax`."""
-    return log_spherical_softmax(input, dim, eps).exp()
+for _registration in family.registrations():
+    if _registration.loss_function:
+        _loss_function(_registration, _registration.loss_function)
+    if _registration.softmax_function:
+        _softmax_functions(_registration, _registration.softmax_function)
+del _registration
 
 
 def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:
