@@ -40,6 +40,8 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from ._conventions import is_traced, reads_values
+
 
 class Member:
     """Base of every member of the family.
@@ -522,7 +524,10 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     ``G(ξ) = ξ²·(4(D−1) − (D−2)²/sinh²(ξ/2)) − D·v``. ``G(log(D−1)) = −Dv ≤ 0`` brackets it
     from below (at ``v = 0``, ``ξ* = log(D−1)``); from above, any ξ with
     ``sinh²(ξ/2) ≥ 2(D−2)²/(4(D−1))`` and ``ξ² > 2Dv/(4(D−1))`` has ``G > 0``.
-    Solved by Newton steps kept inside the bracket (bisection when a step leaves it).
+    Solved by Newton steps kept inside the bracket (bisection when a step leaves it), until
+    every step is below rounding where the values can be read on the host; elsewhere (a GPU,
+    torch.compile, torch.func) a fixed number of steps, which reaches float64 rounding from
+    the bracket at any ``v`` and ``D``.
     """
     c1 = 4.0 * (D - 1.0)
     c2 = (D - 2.0) ** 2
@@ -533,7 +538,8 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     at_lo = target <= 0  # the root is log(D − 1) exactly
     hi = torch.sqrt(2.0 * target / c1).clamp(min=2.0 * math.asinh(math.sqrt(2.0 * c2 / c1))) + 1.0
     xi = torch.where(at_lo, lo, hi)
-    for _ in range(100):
+    early_exit = reads_values(v)
+    for _ in range(100 if early_exit else 60):
         sh2 = torch.square(torch.sinh(0.5 * xi))
         inv_sh2 = 1.0 / sh2
         bracket = c1 - c2 * inv_sh2
@@ -548,7 +554,7 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
         step = xi - delta
         inside = (step >= lo) & (step <= hi)
         xi = torch.where(at_lo, lo, torch.where(inside, step, 0.5 * (lo + hi)))
-        if bool((at_lo | (inside & (delta.abs() <= 1e-13 * (1.0 + xi)))).all()):
+        if early_exit and bool((at_lo | (inside & (delta.abs() <= 1e-13 * (1.0 + xi)))).all()):
             break
     return xi
 
@@ -597,7 +603,7 @@ class SoftmaxBound(SphericalMember):
         v = (q64 - torch.square(s64) / D).clamp(min=0.0)
         if self.xi is None:
             xi = _optimal_xi(v.detach(), D)
-            if v.requires_grad:  # (a second derivative is being taken: see _implicit_xi)
+            if v.requires_grad or is_traced(v):  # (a second derivative, maybe: _implicit_xi)
                 xi = _implicit_xi(xi, v, D)
         else:
             xi = torch.full_like(v, self.xi)

@@ -24,56 +24,78 @@ from . import _conventions as conventions
 from . import family
 from .family import Member, SphericalMember, compute_dtype
 
+_HALF = (torch.float16, torch.bfloat16)
+
 # The named losses and probability maps are appended as they are made, at the end.
 __all__ = ["spherical_loss"]
 
 
 class _SphericalLossFunction(torch.autograd.Function):
-    """Per-example loss of a spherical member on (N, C) logits, closed-form backward."""
+    """Per-example loss of a spherical member on (N, C) logits, closed-form backward.
+
+    Outputs the loss and, not differentiable, the partials ``(α, β, γ)`` and ``s − s`` (0, or
+    NaN where an output is not finite), which the backward and the forward-mode rule read.
+    In the ``setup_context`` form with a generated vmap rule, so that every ``torch.func``
+    transform applies; no value is read on the host (nothing breaks a compiled graph).
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
-    ) -> Tensor:
+        input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         o = input.to(compute_dtype(input.dtype))
         s, q, oc = family.statistics(o, target)
         loss, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
-        # A non-finite output makes s non-finite: the loss and gradient are NaN, as for
-        # F.cross_entropy, rather than whatever the member's formula turns an inf into.
-        nonfinite = ~torch.isfinite(s)
-        if bool(nonfinite.any()):
-            loss, alpha, beta, gamma = (
-                t.masked_fill(nonfinite, float("nan")) for t in (loss, alpha, beta, gamma)
-            )
-        invalid = ~valid
-        loss = loss.masked_fill(invalid, 0.0)
-        ctx.save_for_backward(
-            input,
-            target,
-            valid,
-            alpha.masked_fill(invalid, 0.0),
-            (2.0 * beta).masked_fill(invalid, 0.0),
-            gamma.masked_fill(invalid, 0.0),
-        )
-        ctx.member = member
-        return loss
+        # A non-finite output makes s non-finite, and s − s NaN: the loss and gradient are NaN
+        # there, as for F.cross_entropy, rather than whatever the member's formula makes of it.
+        nan = s - s
+        return torch.where(valid, loss + nan, 0.0), alpha, beta, gamma, nan
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        input, target, valid, alpha, beta2, gamma = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty, a second derivative): the same gradient
-            # from the partials recomputed with autograd, so that it is differentiable itself.
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        input, target, valid, member = inputs
+        _, alpha, beta, gamma, nan = output
+        ctx.mark_non_differentiable(alpha, beta, gamma, nan)
+        ctx.save_for_backward(input, target, valid, alpha, beta, gamma, nan)
+        ctx.save_for_forward(input, target, valid, alpha, beta, gamma, nan)
+        ctx.member = member
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
+        if torch.is_grad_enabled() or conventions.is_traced(input):
+            # create_graph=True (a gradient penalty, a second derivative) or a torch.func
+            # transform around this one: the same gradient from the partials recomputed with
+            # differentiable operations, so that it can be differentiated itself.
             return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
+        g = torch.where(valid, grad_loss + nan, 0.0)
         o = input.to(compute_dtype(input.dtype))
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
-        grad = torch.mul(o, (beta2 * grad_loss).unsqueeze(-1))
-        # Members with α ≡ 0 (spherical softmax, squared error) save a pass over the gradient.
-        if o.device.type != "cpu" or bool(alpha.any()):
-            grad.add_((alpha * grad_loss).unsqueeze(-1))
-        grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * grad_loss).unsqueeze(-1))
+        grad = torch.mul(o, (2.0 * beta * g).unsqueeze(-1))
+        if ctx.member.uses_sum:  # (α ≡ 0 otherwise: a pass over the gradient saved)
+            grad.add_((alpha * g).unsqueeze(-1))
+        grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * g).unsqueeze(-1))
         return grad.to(input.dtype), None, None, None
+
+
+class _SphericalLossFunctionForwardMode(_SphericalLossFunction):
+    """The same with a forward-mode rule (torch.func.jvp, jacfwd, hessian, forward_ad), which
+    torch.compile cannot trace: used everywhere but in compiled code.
+    """
+
+    @staticmethod
+    def jvp(ctx, input_t: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # Forward mode (torch.func.jvp, jacfwd, hessian): dL = α·Σ_k do_k + 2β·Σ_k o_k do_k
+        # + γ·do_c, from the saved partials.
+        input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
+        dtype = compute_dtype(input.dtype)
+        o, t = input.to(dtype), input_t.to(dtype)
+        dt = t.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        dloss = alpha * t.sum(-1) + 2.0 * beta * (o * t).sum(-1) + gamma * dt
+        return torch.where(valid, dloss + nan, 0.0), None, None, None, None
 
 
 def _differentiable_gradient(
@@ -85,12 +107,12 @@ def _differentiable_gradient(
     o = input.to(compute_dtype(input.dtype))
     s, q, oc = family.statistics(o, target)
     _, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
-    nan = torch.full_like(s, float("nan"))
-    kept = torch.where(torch.isfinite(s), grad_loss * valid, nan)  # (as the forward)
+    kept = torch.where(valid, grad_loss + (s - s), 0.0)  # (as the forward)
     alpha, beta, gamma = (
         (torch.broadcast_to(t, s.shape) * kept).unsqueeze(-1) for t in (alpha, beta, gamma)
     )
-    one_hot = torch.zeros_like(o).scatter_(-1, target.unsqueeze(-1), 1.0)
+    # (a comparison, not scatter_, which vmap has no batching rule for)
+    one_hot = (torch.arange(o.shape[-1], device=o.device) == target.unsqueeze(-1)).to(o.dtype)
     grad = alpha + 2.0 * beta * o + gamma * one_hot
     return grad.to(input.dtype), None, None, None
 
@@ -203,10 +225,17 @@ def spherical_loss(
     -------
     Tensor
         A scalar, or for ``reduction='none'`` the target's shape (0 at ignored positions).
-        The dtype of ``input`` (half precision is computed in float32).
+        The dtype of ``input`` (half precision is computed in float32); float32 for half
+        precision under :func:`torch.autocast`, as :func:`~torch.nn.functional.cross_entropy`.
     """
     member = family.get_member(member)
     _check_input(input)
+    if input.dtype in _HALF and torch.is_autocast_enabled(input.device.type):
+        # As F.cross_entropy under autocast: computed in float32, and returned in float32.
+        with torch.autocast(input.device.type, enabled=False):
+            return spherical_loss(
+                input.float(), target, member, weight, ignore_index, reduction, label_smoothing
+            )
     conventions.check_reduction(reduction)
     conventions.check_label_smoothing(label_smoothing)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
@@ -248,7 +277,12 @@ def spherical_loss(
     rows_valid = _to_rows(valid, class_dim=False)
     rows_target = torch.where(rows_valid, _to_rows(target, class_dim=False), 0)
     if member.spherical:
-        per_example = _SphericalLossFunction.apply(logits, rows_target, rows_valid, member)
+        function = (
+            _SphericalLossFunction
+            if torch.compiler.is_compiling()
+            else _SphericalLossFunctionForwardMode
+        )
+        per_example = function.apply(logits, rows_target, rows_valid, member)[0]
     else:
         o = logits.to(compute_dtype(logits.dtype))
         per_example = member.dense_loss(o, rows_target).masked_fill(~rows_valid, 0.0)
