@@ -287,10 +287,12 @@ def spherical_loss(
         o = logits.to(compute_dtype(logits.dtype))
         per_example = member.dense_loss(o, rows_target).masked_fill(~rows_valid, 0.0)
 
+    # (per_example is 0 at ignored positions already: a multiply by the 0/1 mask is saved.)
     w = rows_valid.to(per_example.dtype)
     if weight is not None:
         w = w * weight.to(per_example.dtype)[rows_target]
-    loss = conventions.weighted_reduce(per_example * w, w, reduction, target.shape)
+        per_example = per_example * w
+    loss = conventions.weighted_reduce(per_example, w, reduction, target.shape)
     if label_smoothing > 0:
         logp = member.log_probs(logits.to(compute_dtype(logits.dtype)), dim=-1)
         smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
