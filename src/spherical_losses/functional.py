@@ -406,7 +406,9 @@ def _publish(fn: Callable[..., Tensor], name: str, signature: inspect.Signature,
     __all__.append(name)
 
 
-def _loss_function(registration: family.Registration, name: str) -> None:
+def _loss_function(registration: family.Registration) -> None:
+    if not (name := registration.loss_function):
+        return
     cls = registration.member
     names = tuple(p.name for p in registration.options())
 
@@ -454,7 +456,9 @@ def _loss_function(registration: family.Registration, name: str) -> None:
     _publish(loss, name, inspect.Signature([*common, *options], return_annotation=Tensor), doc)
 
 
-def _softmax_functions(registration: family.Registration, name: str) -> None:
+def _softmax_functions(registration: family.Registration) -> None:
+    if not (name := registration.softmax_function):
+        return
     cls = registration.member
     names = registration.softmax_options
     log_name = "log_" + name
@@ -494,10 +498,8 @@ def _softmax_functions(registration: family.Registration, name: str) -> None:
 
 
 for _registration in family.registrations():
-    if _registration.loss_function:
-        _loss_function(_registration, _registration.loss_function)
-    if _registration.softmax_function:
-        _softmax_functions(_registration, _registration.softmax_function)
+    _loss_function(_registration)
+    _softmax_functions(_registration)
 del _registration
 
 

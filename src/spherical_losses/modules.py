@@ -133,7 +133,9 @@ def _publish(
     __all__.append(name)
 
 
-def _loss_module(registration: family.Registration, name: str) -> None:
+def _loss_module(registration: family.Registration) -> None:
+    if not (name := registration.loss_module):
+        return
     cls = registration.member
     common = list(inspect.signature(SphericalLoss.__init__, eval_str=True).parameters.values())
     common = [p for p in common if p.name not in ("self", "member")]
@@ -155,7 +157,9 @@ def _loss_module(registration: family.Registration, name: str) -> None:
     _publish(name, SphericalLoss, common + options, build, doc)
 
 
-def _softmax_module(registration: family.Registration, name: str) -> None:
+def _softmax_module(registration: family.Registration) -> None:
+    if not (name := registration.softmax_module):
+        return
     cls = registration.member
     names = registration.softmax_options
     dim = inspect.Parameter("dim", _POSITIONAL, default=-1, annotation=int)
@@ -186,8 +190,6 @@ _LOSS_SHAPE = (
 )
 
 for _registration in family.registrations():
-    if _registration.loss_module:
-        _loss_module(_registration, _registration.loss_module)
-    if _registration.softmax_module:
-        _softmax_module(_registration, _registration.softmax_module)
+    _loss_module(_registration)
+    _softmax_module(_registration)
 del _registration
