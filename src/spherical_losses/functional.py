@@ -393,6 +393,13 @@ def describe(
     return f"{lead}\n\n{description}\n\nParameters\n----------\n{parameters}\n\n{tail}\n"
 
 
+def no_smoothing_note(cls: type[Member]) -> str:
+    """The docstrings' note for a member without probabilities (empty for the others)."""
+    if cls.has_probabilities:
+        return ""
+    return " (``label_smoothing`` must stay 0: the member defines no probabilities)"
+
+
 def _member_path(registration: family.Registration) -> str:
     return f"~spherical_losses.family.{registration.member.__name__}"
 
@@ -434,11 +441,7 @@ def _loss_function(registration: family.Registration) -> None:
     common = [p for p in inspect.signature(spherical_loss, eval_str=True).parameters.values()]
     common = [p for p in common if p.name != "member"]
     options = [p.replace(kind=_POSITIONAL) for p in registration.options()]
-    smoothing = (
-        ""
-        if cls.has_probabilities
-        else " (``label_smoothing`` must stay 0: the member defines no probabilities)"
-    )
+    smoothing = no_smoothing_note(cls)
     see_also = (
         f"spherical_losses.family.{cls.__name__} : the member, a function of ``(s, q, o_c, D)``."
     )

@@ -126,6 +126,7 @@ def _publish(
         build(self, bound.arguments)
 
     __init__.__qualname__ = f"{name}.__init__"
+    __init__.__doc__ = f"See :class:`{name}`."
     __init__.__signature__ = inspect.Signature([_SELF, *parameters], return_annotation=None)  # type: ignore[attr-defined]
     globals()[name] = type(
         name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
@@ -150,7 +151,8 @@ def _loss_module(registration: family.Registration) -> None:
         f"The loss of :class:`~spherical_losses.family.{cls.__name__}` as a module; see "
         f":func:`~spherical_losses.{registration.loss_function}`.",
         "weight, ignore_index, reduction, label_smoothing\n    As for "
-        ":class:`torch.nn.CrossEntropyLoss`; checked when the loss is created.",
+        f":class:`torch.nn.CrossEntropyLoss`{F.no_smoothing_note(cls)}; checked when the loss "
+        "is created.",
         tuple(p.name for p in options),
         "Shape\n-----\n" + _LOSS_SHAPE,
     )
