@@ -65,10 +65,13 @@ class _SphericalLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
-        if torch.is_grad_enabled() or conventions.is_traced(input):
+        if torch.is_grad_enabled() or (
+            not torch.compiler.is_compiling() and conventions.is_traced(input)
+        ):
             # create_graph=True (a gradient penalty, a second derivative) or a torch.func
             # transform around this one: the same gradient from the partials recomputed with
-            # differentiable operations, so that it can be differentiated itself.
+            # differentiable operations, so that it can be differentiated itself. (A compiled
+            # backward, traced once with grad mode off, reads the saved partials.)
             return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
         g = torch.where(valid, grad_loss + nan, 0.0)
         o = input.to(compute_dtype(input.dtype))
