@@ -157,6 +157,7 @@ def main() -> None:
     flags = "".join(
         f" --{f}" for f in ("quick", "no-compile") if getattr(args, f.replace("-", "_"))
     )
+    flags += f" --sizes {' '.join(args.sizes)}" if args.sizes else ""
     lines = [
         f"Machine: {machine()}",
         f"Command: `python benchmarks/bench_losses.py{flags}`",
