@@ -2,13 +2,16 @@
 
 Same logits, same run, float32 on the CPU. Times are medians over interleaved rounds (each
 method timed in turn, round after round, so that load on a shared machine hits all alike);
-ratios are against ``F.cross_entropy`` in the same round. Peak memory is measured in a fresh
+ratios are against ``F.cross_entropy`` in the same round. The compiled columns time
+``torch.compile(loss, fullgraph=True)`` (inductor) of each method, forward + backward, against
+compiled ``F.cross_entropy``. Peak memory is measured in a fresh
 process per method and size: the rise of the peak resident set size over a forward+backward,
 beyond the logits themselves (glibc is told to give large blocks back to the system, so that
 the resident set follows what is live).
 
     python benchmarks/bench_losses.py                  # the full table
     python benchmarks/bench_losses.py --quick          # small sizes, a few seconds
+    python benchmarks/bench_losses.py --no-compile     # without the compiled columns
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import spherical_losses as sl
 
 SIZES = [(4096, 10), (4096, 1000), (2048, 10000), (256, 100000)]
 QUICK = [(512, 10), (512, 1000)]
-MEMBERS = ["taylor", "spherical", "softmax_bound", "softmax_bound(xi=1)", "z_loss", "mse"]
+# Every registered member (log_softmax is F.cross_entropy behind the library's checks), and
+# the bound at a fixed ξ, which skips the search for the optimal one.
+MEMBERS = [*sl.member_names(), "softmax_bound(xi=1)"]
 
 
 def make_loss(method: str):
@@ -46,22 +51,32 @@ def data(n: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, c, generator=g).requires_grad_(), torch.randint(0, c, (n,), generator=g)
 
 
-def time_methods(n: int, c: int, methods: list[str], rounds: int, budget: float) -> dict:
+COMPILED = " [compiled]"
+
+
+def time_methods(
+    n: int, c: int, methods: list[str], rounds: int, budget: float, compiled: bool = True
+) -> dict:
+    """``{method: {"ms", "ratio"}}``, and ``{method + COMPILED: ...}`` with ``compiled``."""
     x, t = data(n, c)
     fns = {m: make_loss(m) for m in methods}
+    if compiled:
+        torch._dynamo.reset()
+        for m in methods:
+            fns[m + COMPILED] = torch.compile(fns[m], fullgraph=True, dynamic=False)
 
     def once(fn) -> None:
         fn(x, t).backward()
         x.grad = None
 
-    for fn in fns.values():  # warm-up, and the number of calls per timing
+    for fn in fns.values():  # warm-up (and compilation), and the number of calls per timing
         once(fn)
     start = time.perf_counter()
     once(fns["cross_entropy"])
     per_call = time.perf_counter() - start
     number = max(1, int(budget / max(per_call, 1e-6)))
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    ratios: dict[str, list[float]] = {m: [] for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    ratios: dict[str, list[float]] = {m: [] for m in fns}
     for _ in range(rounds):
         this_round = {}
         for m, fn in fns.items():
@@ -70,11 +85,12 @@ def time_methods(n: int, c: int, methods: list[str], rounds: int, budget: float)
                 once(fn)
             this_round[m] = (time.perf_counter() - start) / number
             times[m].append(this_round[m])
-        for m in methods:
-            ratios[m].append(this_round[m] / this_round["cross_entropy"])
+        for m in fns:
+            base = "cross_entropy" + (COMPILED if m.endswith(COMPILED) else "")
+            ratios[m].append(this_round[m] / this_round[base])
     return {
         m: {"ms": 1e3 * statistics.median(times[m]), "ratio": statistics.median(ratios[m])}
-        for m in methods
+        for m in fns
     }
 
 
@@ -121,9 +137,13 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--sizes", nargs="+", metavar="NxC", help="the sizes to run, e.g. 8x5 (a smoke run)"
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per method per round")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled columns")
     p.add_argument("--out", default="benchmarks/results/losses_cpu.md")
     p.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,17 +151,23 @@ def main() -> None:
         peak_memory_probe(args.probe[0], int(args.probe[1]), int(args.probe[2]))
         return
     sizes = QUICK if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes]
     methods = ["cross_entropy", *MEMBERS]
+    flags = "".join(
+        f" --{f}" for f in ("quick", "no-compile") if getattr(args, f.replace("-", "_"))
+    )
+    flags += f" --sizes {' '.join(args.sizes)}" if args.sizes else ""
     lines = [
         f"Machine: {machine()}",
-        f"Command: `python benchmarks/bench_losses.py{' --quick' if args.quick else ''}`",
+        f"Command: `python benchmarks/bench_losses.py{flags}`",
         "",
-        "| N × C | method | fwd+bwd (ms) | time / cross_entropy | peak memory (MiB) "
-        "| memory / cross_entropy |",
-        "|---|---|---|---|---|---|",
+        "| N × C | method | fwd+bwd (ms) | time / cross_entropy | compiled (ms) "
+        "| compiled / cross_entropy compiled | peak memory (MiB) | memory / cross_entropy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, c in sizes:
-        result = time_methods(n, c, methods, args.rounds, args.budget)
+        result = time_methods(n, c, methods, args.rounds, args.budget, not args.no_compile)
         mem = {} if args.no_memory else {m: peak_memory(m, n, c) for m in methods}
         for m in methods:
             r = result[m]
@@ -150,7 +176,12 @@ def main() -> None:
                 base = mem["cross_entropy"]
                 rel = f"{mem[m] / base:.2f}" if base > 1 else "n/a (below resolution)"
                 mem_cells = f"{mem[m]:.1f} | {rel}"
-            lines.append(f"| {n} × {c} | {m} | {r['ms']:.3f} | {r['ratio']:.2f} | {mem_cells} |")
+            rc = result.get(m + COMPILED)
+            compiled_cells = f"{rc['ms']:.3f} | {rc['ratio']:.2f}" if rc else "— | —"
+            lines.append(
+                f"| {n} × {c} | {m} | {r['ms']:.3f} | {r['ratio']:.2f} | {compiled_cells} "
+                f"| {mem_cells} |"
+            )
         print("\n".join(lines[-len(methods) :]), flush=True)
     table = "\n".join(lines) + "\n"
     out = Path(args.out)

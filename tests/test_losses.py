@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -13,10 +14,12 @@ from hypothesis import strategies as st
 import spherical_losses as sl
 from spherical_losses import family
 
-SPHERICAL = ["taylor", "spherical", "softmax_bound", "z_loss", "mse"]
-ALL = ["log_softmax", *SPHERICAL]
-WITH_PROBS = ["log_softmax", "taylor", "spherical"]
-NO_PROBS = ["softmax_bound", "z_loss", "mse"]
+# The member lists come from the registry and each member's declared properties (at its
+# default options).
+ALL = sl.member_names()
+SPHERICAL = [name for name in ALL if sl.get_member(name).spherical]
+WITH_PROBS = [name for name in ALL if sl.get_member(name).has_probabilities]
+NO_PROBS = [name for name in ALL if not sl.get_member(name).has_probabilities]
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +537,85 @@ def test_functional_and_module_names_agree() -> None:
     ]
     for a, b in pairs:
         torch.testing.assert_close(a, b)
+
+
+REGISTERED = family.registrations()
+LOSS_ARGUMENTS = ["input", "target", "weight", "ignore_index", "reduction", "label_smoothing"]
+
+
+def test_member_lists_follow_the_registry() -> None:
+    # The test lists above are made from the registry: check them against the declarations.
+    assert [r.name for r in REGISTERED] == ALL and len(set(ALL)) == len(ALL) >= 6
+    assert sorted(WITH_PROBS + NO_PROBS) == sorted(ALL)
+    for r in REGISTERED:
+        member = family.get_member(r.name)
+        assert type(member) is r.member
+        assert (
+            (r.name in SPHERICAL) == isinstance(member, family.SphericalMember) == member.spherical
+        )
+        assert bool(r.softmax_function) <= member.has_probabilities
+
+
+@pytest.mark.parametrize("registration", REGISTERED, ids=lambda r: r.name)
+def test_generated_losses_and_modules(registration: family.Registration) -> None:
+    # Each registered name exists, with the member's options in its signature, equals
+    # spherical_loss with the member, and is exported from the package.
+    if not registration.loss_function:
+        assert not registration.loss_module
+        return
+    fn = getattr(sl, registration.loss_function)
+    module = getattr(sl, registration.loss_module)
+    assert fn is getattr(sl.functional, registration.loss_function)
+    assert {registration.loss_function, registration.loss_module} <= set(sl.__all__)
+    options = [p.name for p in registration.options()]
+    assert list(inspect.signature(fn).parameters) == LOSS_ARGUMENTS + options
+    assert list(inspect.signature(module).parameters) == LOSS_ARGUMENTS[2:] + options
+    assert registration.member.__doc__.splitlines()[0] in fn.__doc__
+    assert all(f"{name} :" in fn.__doc__ and f"{name} :" in module.__doc__ for name in options)
+    assert fn.__name__ == registration.loss_function and fn.__module__.endswith("functional")
+    assert issubclass(module, sl.SphericalLoss) and module.__name__ == registration.loss_module
+    x = torch.randn(5, 8, dtype=torch.float64)
+    t = torch.tensor([0, 7, 3, -100, 3])
+    want = sl.spherical_loss(x, t, registration.name, reduction="sum")
+    torch.testing.assert_close(fn(x, t, reduction="sum"), want, rtol=0, atol=0)
+    torch.testing.assert_close(module(reduction="sum")(x, t), want, rtol=0, atol=0)
+    assert module().member == family.get_member(registration.name)
+    with pytest.raises(TypeError, match=f"{registration.loss_function}.*unexpected.*'nope'"):
+        fn(x, t, nope=1)
+    with pytest.raises(TypeError, match=f"{registration.loss_module}.*unexpected.*'nope'"):
+        module(nope=1)
+
+
+@pytest.mark.parametrize(
+    "registration", [r for r in REGISTERED if r.softmax_function], ids=lambda r: r.name
+)
+def test_generated_probability_maps(registration: family.Registration) -> None:
+    log_fn = getattr(sl, "log_" + registration.softmax_function)
+    fn = getattr(sl, registration.softmax_function)
+    module = getattr(sl, registration.softmax_module)
+    names = list(registration.softmax_options)
+    assert list(inspect.signature(fn).parameters) == ["input", "dim", *names]
+    assert list(inspect.signature(module).parameters) == ["dim", *names]
+    x = torch.randn(3, 5, dtype=torch.float64)
+    want = family.get_member(registration.name).log_probs(x, dim=0)
+    torch.testing.assert_close(log_fn(x, 0), want, rtol=0, atol=0)
+    torch.testing.assert_close(fn(x, 0), want.exp(), rtol=0, atol=0)
+    torch.testing.assert_close(module(0)(x), want.exp(), rtol=0, atol=0)
+    assert repr(module(0)).startswith(f"{registration.softmax_module}(dim=0")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'margin'"):
+        fn(x, 0, margin=0.5)  # (a training option, not one of the probability map's)
+
+
+def test_positional_member_options_as_before() -> None:
+    x = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.tensor([0, 5, 2, 1])
+    torch.testing.assert_close(
+        sl.taylor_cross_entropy(x, t, None, -100, "none", 0.0, 4, 0.5),
+        sl.spherical_loss(x, t, family.Taylor(4, 0.5), reduction="none"),
+    )
+    torch.testing.assert_close(sl.taylor_softmax(x, 1, 4), sl.taylor_softmax(x, dim=1, order=4))
+    with pytest.raises(TypeError, match="multiple values for argument 'order'"):
+        sl.taylor_cross_entropy(x, t, None, -100, "mean", 0.0, 4, order=2)
 
 
 def test_module_weight_is_a_buffer_that_moves_with_the_module() -> None:

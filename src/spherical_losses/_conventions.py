@@ -20,6 +20,8 @@ __all__ = [
     "check_reduction",
     "check_weight",
     "class_indices",
+    "is_traced",
+    "reads_values",
     "target_mask",
     "weighted_reduce",
 ]
@@ -70,17 +72,47 @@ def class_indices(target: object) -> Tensor:
     return target.long()
 
 
+def is_traced(t: Tensor) -> bool:
+    """Whether ``t`` is being traced by :func:`torch.compile` or transformed by
+    :mod:`torch.func` (``vmap``, ``grad``, ``jvp``, ...): no Python branch may read its values.
+    """
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def reads_values(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is cheap and allowed: a CPU tensor, run
+    eagerly (on a GPU it would wait for the device; traced, it has no values).
+    """
+    return t.device.type == "cpu" and not is_traced(t)
+
+
 def target_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """The mask of the targets kept (not ``ignore_index``); raises
     :class:`TargetOutOfBoundsError` for a kept target outside ``[0, num_classes)``.
+
+    Eagerly on the CPU the error names the first bad target. Elsewhere, as
+    :func:`~torch.nn.functional.cross_entropy` there, the check does not wait for the device:
+    on a GPU and under :func:`torch.compile` an asynchronous assert (a RuntimeError when it
+    fails: on a GPU, a device-side assert at the next synchronization); on targets that a
+    :mod:`torch.func` transform wraps (``vmap``) none, where the gather of the target's output
+    still fails on a bad index.
     """
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise TargetOutOfBoundsError(
-            f"Target {value} is out of bounds for {num_classes} classes "
-            f"(expected 0 <= target < {num_classes}, or ignore_index={ignore_index})"
+    if reads_values(target):
+        if bool(bad.any()):
+            value = int(target[bad].flatten()[0])
+            raise TargetOutOfBoundsError(
+                f"Target {value} is out of bounds for {num_classes} classes "
+                f"(expected 0 <= target < {num_classes}, or ignore_index={ignore_index})"
+            )
+    elif torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(
+        target
+    ):
+        torch._assert_async(
+            ~bad.any(),
+            f"Target out of bounds for {num_classes} classes (expected 0 <= target < "
+            f"{num_classes}, or ignore_index={ignore_index})",
         )
     return valid
 

@@ -20,6 +20,11 @@ A new member is a subclass of :class:`SphericalMember` with a :meth:`~SphericalM
 written with torch operations; the partial derivatives then come from autograd on ``O(N)``
 tensors. Built-in members override :meth:`~SphericalMember.loss_and_partials` with closed forms.
 
+A built-in member is one class here and one :func:`register` call that names its public
+functions and modules (``taylor_cross_entropy``, ``TaylorCrossEntropyLoss``, ...): the
+functional wrappers, the modules, ``__all__``, :func:`spherical_losses.get_loss`, the tests and
+the benchmarks all read :func:`registrations`.
+
 Members that are not spherical (``LogSoftmax``, Taylor of order > 2) work with the dense engine
 only; they say so with ``spherical = False``.
 """
@@ -28,23 +33,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "LogSoftmax",
-    "Member",
-    "SoftmaxBound",
-    "Spherical",
-    "SphericalMember",
-    "SquaredError",
-    "Taylor",
-    "ZScore",
-    "get_member",
-    "member_names",
-]
+from ._conventions import is_traced, reads_values
 
 
 class Member:
@@ -60,11 +56,19 @@ class Member:
     has_probabilities : bool
         Whether the member defines a probability for every class (then it accepts
         class-probability targets and ``label_smoothing``).
+    uses_sum : bool
+        Whether the loss depends on ``s`` (``α = ∂L/∂s`` not identically 0); ``False`` lets the
+        dense engine skip the ``α·1`` term of the gradient without looking at ``α``.
+    margin : float
+        The soft margin on the target's output (0 for members that take none); a margin needs
+        class-index targets and no label smoothing.
     """
 
     name: ClassVar[str] = "member"
     spherical: ClassVar[bool] = False
     has_probabilities: ClassVar[bool] = False
+    uses_sum: ClassVar[bool] = True
+    margin: float = 0.0
 
     def options(self) -> dict[str, float | int | None]:
         """The member's options, as given to its constructor."""
@@ -87,6 +91,23 @@ class Member:
     def dense_loss(self, input: Tensor, target: Tensor) -> Tensor:
         """Per-example loss of a non-spherical member: ``input`` (N, C), ``target`` (N,)."""
         raise NotImplementedError
+
+    def native_loss(
+        self,
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+    ) -> Tensor | None:
+        """The whole loss from a PyTorch function with the same conventions, or ``None`` (the
+        default) to let the dense engine compute it from :meth:`dense_loss` or the partials.
+
+        Arguments as :func:`spherical_losses.spherical_loss`, already checked; half precision
+        is to be computed in float32 (:func:`compute_dtype`).
+        """
+        return None
 
 
 class SphericalMember(Member):
@@ -141,6 +162,11 @@ class SphericalMember(Member):
         return self.loss(s, q, oc, input.shape[-1])
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def statistics(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, q, o_c)`` of logits ``input`` (N, C) for class indices ``target`` (N,)."""
     s = input.sum(dim=-1)
@@ -148,6 +174,97 @@ def statistics(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q = torch.linalg.vector_norm(input, dim=-1).square()
     oc = input.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return s, q, oc
+
+
+# --------------------------------------------------------------------------------------------
+# the registry: the one list of built-in members and of the public names made from them
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A built-in member and the public functions and modules made from it.
+
+    :mod:`spherical_losses.functional` and :mod:`spherical_losses.modules` generate each named
+    object, with its signature and a docstring built from the member's.
+
+    Attributes
+    ----------
+    member : type[Member]
+        The member's class; its constructor's parameters are the member's options.
+    loss_function : str or None
+        The functional loss, ``(input, target, weight, ignore_index, reduction,
+        label_smoothing, *options)``, e.g. ``"taylor_cross_entropy"``.
+    loss_module : str or None
+        The :class:`~spherical_losses.SphericalLoss` subclass, e.g. ``"TaylorCrossEntropyLoss"``.
+    softmax_function : str or None
+        The probability map ``(input, dim, *softmax_options)``, e.g. ``"taylor_softmax"``; its
+        logarithm is ``"log_" + softmax_function``. Members with probabilities only.
+    softmax_module : str or None
+        The probability map's module, e.g. ``"TaylorSoftmax"``.
+    softmax_options : tuple of str
+        The options the probability maps take (a margin, for one, is for training only).
+    """
+
+    member: type[Member]
+    loss_function: str | None = None
+    loss_module: str | None = None
+    softmax_function: str | None = None
+    softmax_module: str | None = None
+    softmax_options: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    def options(self) -> list[inspect.Parameter]:
+        """The member's options: its constructor's parameters, annotations evaluated."""
+        return list(inspect.signature(self.member, eval_str=True).parameters.values())
+
+    def documentation(self) -> tuple[str, dict[str, str]]:
+        """The member's docstring as its description and ``{option: its Parameters entry}``."""
+        doc = inspect.cleandoc(self.member.__doc__ or "")
+        description, _, parameters = doc.partition("\nParameters\n----------\n")
+        entries: dict[str, list[str]] = {}
+        for line in parameters.splitlines():
+            if line and not line[0].isspace():  # "name : type" opens an entry
+                entries[line.partition(" :")[0].strip()] = [line]
+            elif entries:
+                next(reversed(entries.values())).append(line)
+        return description.strip(), {k: "\n".join(v).rstrip() for k, v in entries.items()}
+
+
+_REGISTRY: dict[str, Registration] = {}
+_M = TypeVar("_M", bound=type[Member])
+
+
+def register(
+    *,
+    loss_function: str | None = None,
+    loss_module: str | None = None,
+    softmax_function: str | None = None,
+    softmax_module: str | None = None,
+    softmax_options: tuple[str, ...] = (),
+) -> Callable[[_M], _M]:
+    """Class decorator that registers a built-in member under its ``name`` (see
+    :class:`Registration` for the arguments).
+    """
+
+    def add(cls: _M) -> _M:
+        if cls.name in _REGISTRY:
+            raise ValueError(f"a member named {cls.name!r} is already registered")
+        if (softmax_function or softmax_module) and not cls.has_probabilities:
+            raise ValueError(f"{cls.__name__} defines no probabilities, so no softmax")
+        _REGISTRY[cls.name] = Registration(
+            cls, loss_function, loss_module, softmax_function, softmax_module, softmax_options
+        )
+        return cls
+
+    return add
+
+
+def registrations() -> tuple[Registration, ...]:
+    """Every built-in member's :class:`Registration`, in registration order."""
+    return tuple(_REGISTRY.values())
 
 
 def _positive(name: str, value: float, what: str) -> float:
@@ -161,6 +278,7 @@ def _positive(name: str, value: float, what: str) -> float:
 # log-softmax: the baseline (not spherical; the dense engine delegates to F.cross_entropy)
 
 
+@register()
 class LogSoftmax(Member):
     """Ordinary softmax cross-entropy, the baseline. Not spherical."""
 
@@ -172,6 +290,19 @@ class LogSoftmax(Member):
 
     def dense_loss(self, input: Tensor, target: Tensor) -> Tensor:
         return torch.nn.functional.cross_entropy(input, target, reduction="none")
+
+    def native_loss(self, input, target, weight, ignore_index, reduction, label_smoothing):
+        # F.cross_entropy itself, so that the baseline is PyTorch's to the last bit (the
+        # arguments as in Member.native_loss).
+        dtype = compute_dtype(input.dtype)
+        return torch.nn.functional.cross_entropy(
+            input.to(dtype),
+            target.to(dtype) if target.is_floating_point() else target,
+            None if weight is None else weight.to(dtype),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +340,13 @@ def taylor_polynomial_log(x: Tensor, order: int) -> Tensor:
     return torch.log(acc) + order * torch.log(m)
 
 
+@register(
+    loss_function="taylor_cross_entropy",
+    loss_module="TaylorCrossEntropyLoss",
+    softmax_function="taylor_softmax",
+    softmax_module="TaylorSoftmax",
+    softmax_options=("order",),
+)
 class Taylor(SphericalMember):
     """Log-Taylor softmax: ``p_k ∝ f_n(o_k)``, ``f_n(x) = Σ_{j≤n} x^j/j!`` (``n`` even).
 
@@ -305,6 +443,13 @@ class Taylor(SphericalMember):
 # spherical softmax
 
 
+@register(
+    loss_function="spherical_cross_entropy",
+    loss_module="SphericalCrossEntropyLoss",
+    softmax_function="spherical_softmax",
+    softmax_module="SphericalSoftmax",
+    softmax_options=("eps",),
+)
 class Spherical(SphericalMember):
     """Log-spherical softmax: ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``.
 
@@ -318,6 +463,7 @@ class Spherical(SphericalMember):
 
     name: ClassVar[str] = "spherical"
     has_probabilities: ClassVar[bool] = True
+    uses_sum: ClassVar[bool] = False
 
     def __init__(self, eps: float = 0.01) -> None:
         self.eps = _positive("eps", eps, "spherical softmax")
@@ -378,7 +524,10 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     ``G(ξ) = ξ²·(4(D−1) − (D−2)²/sinh²(ξ/2)) − D·v``. ``G(log(D−1)) = −Dv ≤ 0`` brackets it
     from below (at ``v = 0``, ``ξ* = log(D−1)``); from above, any ξ with
     ``sinh²(ξ/2) ≥ 2(D−2)²/(4(D−1))`` and ``ξ² > 2Dv/(4(D−1))`` has ``G > 0``.
-    Solved by Newton steps kept inside the bracket (bisection when a step leaves it).
+    Solved by Newton steps kept inside the bracket (bisection when a step leaves it), until
+    every step is below rounding where the values can be read on the host; elsewhere (a GPU,
+    torch.compile, torch.func) a fixed number of steps, which reaches float64 rounding from
+    the bracket at any ``v`` and ``D``.
     """
     c1 = 4.0 * (D - 1.0)
     c2 = (D - 2.0) ** 2
@@ -389,7 +538,8 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     at_lo = target <= 0  # the root is log(D − 1) exactly
     hi = torch.sqrt(2.0 * target / c1).clamp(min=2.0 * math.asinh(math.sqrt(2.0 * c2 / c1))) + 1.0
     xi = torch.where(at_lo, lo, hi)
-    for _ in range(100):
+    early_exit = reads_values(v)
+    for _ in range(100 if early_exit else 60):
         sh2 = torch.square(torch.sinh(0.5 * xi))
         inv_sh2 = 1.0 / sh2
         bracket = c1 - c2 * inv_sh2
@@ -404,11 +554,12 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
         step = xi - delta
         inside = (step >= lo) & (step <= hi)
         xi = torch.where(at_lo, lo, torch.where(inside, step, 0.5 * (lo + hi)))
-        if bool((at_lo | (inside & (delta.abs() <= 1e-13 * (1.0 + xi)))).all()):
+        if early_exit and bool((at_lo | (inside & (delta.abs() <= 1e-13 * (1.0 + xi)))).all()):
             break
     return xi
 
 
+@register(loss_function="softmax_upper_bound_loss", loss_module="SoftmaxUpperBoundLoss")
 class SoftmaxBound(SphericalMember):
     """Spherical upper bound of log-softmax (Bouchard 2007, Jaakkola–Jordan).
 
@@ -452,7 +603,7 @@ class SoftmaxBound(SphericalMember):
         v = (q64 - torch.square(s64) / D).clamp(min=0.0)
         if self.xi is None:
             xi = _optimal_xi(v.detach(), D)
-            if v.requires_grad:  # (a second derivative is being taken: see _implicit_xi)
+            if v.requires_grad or is_traced(v):  # (a second derivative, maybe: _implicit_xi)
                 xi = _implicit_xi(xi, v, D)
         else:
             xi = torch.full_like(v, self.xi)
@@ -470,6 +621,7 @@ class SoftmaxBound(SphericalMember):
 # Z-loss
 
 
+@register(loss_function="z_loss", loss_module="ZLoss")
 class ZScore(SphericalMember):
     """Z-loss (de Brébisson & Vincent 2016): a softplus of the target's z-score.
 
@@ -535,10 +687,12 @@ class ZScore(SphericalMember):
 # squared error
 
 
+@register(loss_function="spherical_mse_loss", loss_module="SphericalMSELoss")
 class SquaredError(SphericalMember):
     """Squared error to the one-hot target: ``L = ‖o − e_c‖² = q − 2 o_c + 1``."""
 
     name: ClassVar[str] = "mse"
+    uses_sum: ClassVar[bool] = False
 
     def loss(self, s: Tensor, q: Tensor, oc: Tensor, D: int) -> Tensor:
         return q - 2.0 * oc + 1.0
@@ -556,14 +710,10 @@ class SquaredError(SphericalMember):
 
 # --------------------------------------------------------------------------------------------
 
-_MEMBERS: dict[str, type[Member]] = {
-    cls.name: cls for cls in (LogSoftmax, Taylor, Spherical, SoftmaxBound, ZScore, SquaredError)
-}
-
 
 def member_names() -> list[str]:
     """Names accepted by :func:`get_member` and :func:`spherical_losses.get_loss`."""
-    return list(_MEMBERS)
+    return list(_REGISTRY)
 
 
 def get_member(name: str | Member, **options: float | int | None) -> Member:
@@ -577,9 +727,9 @@ def get_member(name: str | Member, **options: float | int | None) -> Member:
     if isinstance(name, type) and issubclass(name, Member):
         return name(**options)
     try:
-        cls = _MEMBERS[name]
+        cls = _REGISTRY[name].member
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(_MEMBERS)}") from None
+        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(_REGISTRY)}") from None
     if not options:  # (the common case: no signature to inspect, which takes a while)
         return cls()
     params = inspect.signature(cls).parameters.values()
@@ -599,3 +749,15 @@ def get_member(name: str | Member, **options: float | int | None) -> Member:
     except TypeError as error:  # e.g. None for an option that has no default meaning for it
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise ValueError(f"bad option value for loss {name!r} ({given}): {error}") from None
+
+
+__all__ = [
+    "Member",
+    "Registration",
+    "SphericalMember",
+    "get_member",
+    "member_names",
+    "register",
+    "registrations",
+    *(registration.member.__name__ for registration in _REGISTRY.values()),
+]

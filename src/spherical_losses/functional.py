@@ -13,81 +13,92 @@ the member gives the per-example loss and ``(α, β, γ)`` in closed form, and t
 
 from __future__ import annotations
 
+import inspect
 import operator
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _conventions as conventions
 from . import family
-from .family import LogSoftmax, Member, SphericalMember
+from .family import Member, SphericalMember, compute_dtype
 
-__all__ = [
-    "log_spherical_softmax",
-    "log_taylor_softmax",
-    "softmax_upper_bound_loss",
-    "spherical_cross_entropy",
-    "spherical_loss",
-    "spherical_mse_loss",
-    "spherical_softmax",
-    "taylor_cross_entropy",
-    "taylor_softmax",
-    "z_loss",
-]
+_HALF = (torch.float16, torch.bfloat16)
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+# The named losses and probability maps are appended as they are made, at the end.
+__all__ = ["spherical_loss"]
 
 
 class _SphericalLossFunction(torch.autograd.Function):
-    """Per-example loss of a spherical member on (N, C) logits, closed-form backward."""
+    """Per-example loss of a spherical member on (N, C) logits, closed-form backward.
+
+    Outputs the loss and, not differentiable, the partials ``(α, β, γ)`` and ``s − s`` (0, or
+    NaN where an output is not finite), which the backward and the forward-mode rule read.
+    In the ``setup_context`` form with a generated vmap rule, so that every ``torch.func``
+    transform applies; no value is read on the host (nothing breaks a compiled graph).
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
-    ) -> Tensor:
+        input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         o = input.to(compute_dtype(input.dtype))
         s, q, oc = family.statistics(o, target)
         loss, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
-        # A non-finite output makes s non-finite: the loss and gradient are NaN, as for
-        # F.cross_entropy, rather than whatever the member's formula turns an inf into.
-        nonfinite = ~torch.isfinite(s)
-        if bool(nonfinite.any()):
-            loss, alpha, beta, gamma = (
-                t.masked_fill(nonfinite, float("nan")) for t in (loss, alpha, beta, gamma)
-            )
-        invalid = ~valid
-        loss = loss.masked_fill(invalid, 0.0)
-        ctx.save_for_backward(
-            input,
-            target,
-            valid,
-            alpha.masked_fill(invalid, 0.0),
-            (2.0 * beta).masked_fill(invalid, 0.0),
-            gamma.masked_fill(invalid, 0.0),
-        )
-        ctx.member = member
-        return loss
+        # A non-finite output makes s non-finite, and s − s NaN: the loss and gradient are NaN
+        # there, as for F.cross_entropy, rather than whatever the member's formula makes of it.
+        nan = s - s
+        return torch.where(valid, loss + nan, 0.0), alpha, beta, gamma, nan
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        input, target, valid, alpha, beta2, gamma = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty, a second derivative): the same gradient
-            # from the partials recomputed with autograd, so that it is differentiable itself.
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def, override]
+        input, target, valid, member = inputs
+        _, alpha, beta, gamma, nan = output
+        ctx.mark_non_differentiable(alpha, beta, gamma, nan)
+        ctx.save_for_backward(input, target, valid, alpha, beta, gamma, nan)
+        ctx.save_for_forward(input, target, valid, alpha, beta, gamma, nan)
+        ctx.member = member
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
+        if torch.is_grad_enabled() or (
+            not torch.compiler.is_compiling() and conventions.is_traced(input)
+        ):
+            # create_graph=True (a gradient penalty, a second derivative) or a torch.func
+            # transform around this one: the same gradient from the partials recomputed with
+            # differentiable operations, so that it can be differentiated itself. (A compiled
+            # backward, traced once with grad mode off, reads the saved partials.)
             return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
+        g = torch.where(valid, grad_loss + nan, 0.0)
         o = input.to(compute_dtype(input.dtype))
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
-        grad = torch.mul(o, (beta2 * grad_loss).unsqueeze(-1))
-        # Members with α ≡ 0 (spherical softmax, squared error) save a pass over the gradient.
-        if o.device.type != "cpu" or bool(alpha.any()):
-            grad.add_((alpha * grad_loss).unsqueeze(-1))
-        grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * grad_loss).unsqueeze(-1))
+        grad = torch.mul(o, (2.0 * beta * g).unsqueeze(-1))
+        if ctx.member.uses_sum:  # (α ≡ 0 otherwise: a pass over the gradient saved)
+            grad.add_((alpha * g).unsqueeze(-1))
+        grad.scatter_add_(-1, target.unsqueeze(-1), (gamma * g).unsqueeze(-1))
         return grad.to(input.dtype), None, None, None
+
+
+class _SphericalLossFunctionForwardMode(_SphericalLossFunction):
+    """The same with a forward-mode rule (torch.func.jvp, jacfwd, hessian, forward_ad), which
+    torch.compile cannot trace: used everywhere but in compiled code.
+    """
+
+    @staticmethod
+    def jvp(ctx, input_t: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # Forward mode (torch.func.jvp, jacfwd, hessian): dL = α·Σ_k do_k + 2β·Σ_k o_k do_k
+        # + γ·do_c, from the saved partials.
+        input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
+        dtype = compute_dtype(input.dtype)
+        o, t = input.to(dtype), input_t.to(dtype)
+        dt = t.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        dloss = alpha * t.sum(-1) + 2.0 * beta * (o * t).sum(-1) + gamma * dt
+        return torch.where(valid, dloss + nan, 0.0), None, None, None, None
 
 
 def _differentiable_gradient(
@@ -99,12 +110,12 @@ def _differentiable_gradient(
     o = input.to(compute_dtype(input.dtype))
     s, q, oc = family.statistics(o, target)
     _, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
-    nan = torch.full_like(s, float("nan"))
-    kept = torch.where(torch.isfinite(s), grad_loss * valid, nan)  # (as the forward)
+    kept = torch.where(valid, grad_loss + (s - s), 0.0)  # (as the forward)
     alpha, beta, gamma = (
         (torch.broadcast_to(t, s.shape) * kept).unsqueeze(-1) for t in (alpha, beta, gamma)
     )
-    one_hot = torch.zeros_like(o).scatter_(-1, target.unsqueeze(-1), 1.0)
+    # (a comparison, not scatter_, which vmap has no batching rule for)
+    one_hot = (torch.arange(o.shape[-1], device=o.device) == target.unsqueeze(-1)).to(o.dtype)
     grad = alpha + 2.0 * beta * o + gamma * one_hot
     return grad.to(input.dtype), None, None, None
 
@@ -217,10 +228,17 @@ def spherical_loss(
     -------
     Tensor
         A scalar, or for ``reduction='none'`` the target's shape (0 at ignored positions).
-        The dtype of ``input`` (half precision is computed in float32).
+        The dtype of ``input`` (half precision is computed in float32); float32 for half
+        precision under :func:`torch.autocast`, as :func:`~torch.nn.functional.cross_entropy`.
     """
     member = family.get_member(member)
     _check_input(input)
+    if input.dtype in _HALF and torch.is_autocast_enabled(input.device.type):
+        # As F.cross_entropy under autocast: computed in float32, and returned in float32.
+        with torch.autocast(input.device.type, enabled=False):
+            return spherical_loss(
+                input.float(), target, member, weight, ignore_index, reduction, label_smoothing
+            )
     conventions.check_reduction(reduction)
     conventions.check_label_smoothing(label_smoothing)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
@@ -247,19 +265,12 @@ def spherical_loss(
             )
     else:
         target, valid = _check_class_target(input, target, ignore_index)
-    if isinstance(member, LogSoftmax):
-        dtype = compute_dtype(input.dtype)
-        return F.cross_entropy(
-            input.to(dtype),
-            target.to(dtype) if probability_target else target,
-            None if weight is None else weight.to(dtype),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-        ).to(input.dtype)
+    native = member.native_loss(input, target, weight, ignore_index, reduction, label_smoothing)
+    if native is not None:
+        return native.to(input.dtype)
     if probability_target:
         return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
-    if getattr(member, "margin", 0.0) and label_smoothing > 0:
+    if member.margin and label_smoothing > 0:
         raise ValueError(
             "label_smoothing needs the model's probabilities, which a margin changes per "
             "target; use margin=0"
@@ -269,15 +280,22 @@ def spherical_loss(
     rows_valid = _to_rows(valid, class_dim=False)
     rows_target = torch.where(rows_valid, _to_rows(target, class_dim=False), 0)
     if member.spherical:
-        per_example = _SphericalLossFunction.apply(logits, rows_target, rows_valid, member)
+        function = (
+            _SphericalLossFunction
+            if torch.compiler.is_compiling()
+            else _SphericalLossFunctionForwardMode
+        )
+        per_example = function.apply(logits, rows_target, rows_valid, member)[0]
     else:
         o = logits.to(compute_dtype(logits.dtype))
         per_example = member.dense_loss(o, rows_target).masked_fill(~rows_valid, 0.0)
 
+    # (per_example is 0 at ignored positions already: a multiply by the 0/1 mask is saved.)
     w = rows_valid.to(per_example.dtype)
     if weight is not None:
         w = w * weight.to(per_example.dtype)[rows_target]
-    loss = conventions.weighted_reduce(per_example * w, w, reduction, target.shape)
+        per_example = per_example * w
+    loss = conventions.weighted_reduce(per_example, w, reduction, target.shape)
     if label_smoothing > 0:
         logp = member.log_probs(logits.to(compute_dtype(logits.dtype)), dim=-1)
         smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
@@ -298,7 +316,7 @@ def _probability_target_loss(
 ) -> Tensor:
     # As F.cross_entropy with class-probability targets: −Σ_k w_k t_k log p_k per position;
     # 'mean' divides by the number of positions.
-    if getattr(member, "margin", 0.0):
+    if member.margin:
         raise ValueError("a margin needs class-index targets (it shifts the target class's output)")
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
@@ -327,137 +345,168 @@ def _probability_target_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# the named losses
+# the named losses and probability maps, made from the registry (family.register)
+
+_LOSS_ARGUMENTS = "input, target, weight, ignore_index, reduction, label_smoothing"
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
-def taylor_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    order: int = 2,
-    margin: float = 0.0,
-) -> Tensor:
-    """Log-Taylor softmax cross-entropy: ``−log p_c`` with ``p_k ∝ Σ_{j≤n} o_k^j / j!``.
-
-    For ``order=2``: ``L = −log(1 + o_c + o_c²/2) + log(D + s + q/2)``. Arguments as
-    :func:`spherical_loss`; ``order`` is an even ``n ≥ 2``, ``margin ≥ 0`` a soft margin on the
-    target (training only; see :class:`spherical_losses.family.Taylor`).
+def bind_options(
+    registration: family.Registration,
+    names: tuple[str, ...],
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    where: str,
+) -> dict[str, object]:
+    """A generated wrapper's member options: its extra positional ``args`` and ``kwargs``,
+    which may name ``names`` only, over the member's defaults; a TypeError as Python's own.
     """
-    return spherical_loss(
-        input,
-        target,
-        family.Taylor(order, margin),
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
+    if len(args) > len(names):
+        raise TypeError(
+            f"{where}() takes at most {len(names)} option(s) after its other arguments "
+            f"({', '.join(names) or 'none'}), got {len(args)}: {args!r}"
+        )
+    options = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+        if key in options:
+            raise TypeError(f"{where}() got multiple values for argument {key!r}")
+        options[key] = value
+    return {
+        p.name: options.get(p.name, p.default) for p in registration.options() if p.name in names
+    }
+
+
+def describe(
+    registration: family.Registration,
+    lead: str,
+    common: str,
+    names: tuple[str, ...],
+    tail: str,
+) -> str:
+    """A generated object's docstring: ``lead``, the member's description, the ``common``
+    Parameters entries, the member's entries for ``names``, then ``tail``.
+    """
+    description, entries = registration.documentation()
+    options = [
+        entries.get(n, f"{n}\n    See :class:`{_member_path(registration)}`.") for n in names
+    ]
+    parameters = "\n".join([common, *options])
+    return f"{lead}\n\n{description}\n\nParameters\n----------\n{parameters}\n\n{tail}\n"
+
+
+def no_smoothing_note(cls: type[Member]) -> str:
+    """The docstrings' note for a member without probabilities (empty for the others)."""
+    if cls.has_probabilities:
+        return ""
+    return " (``label_smoothing`` must stay 0: the member defines no probabilities)"
+
+
+def _member_path(registration: family.Registration) -> str:
+    return f"~spherical_losses.family.{registration.member.__name__}"
+
+
+def _publish(fn: Callable[..., Tensor], name: str, signature: inspect.Signature, doc: str) -> None:
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.__doc__ = doc
+    globals()[name] = fn
+    __all__.append(name)
+
+
+def _loss_function(registration: family.Registration) -> None:
+    if not (name := registration.loss_function):
+        return
+    cls = registration.member
+    names = tuple(p.name for p in registration.options())
+
+    def loss(
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        member = (
+            cls(**bind_options(registration, names, args, kwargs, name))
+            if args or kwargs
+            else cls()
+        )
+        return spherical_loss(
+            input, target, member, weight, ignore_index, reduction, label_smoothing
+        )
+
+    common = [p for p in inspect.signature(spherical_loss, eval_str=True).parameters.values()]
+    common = [p for p in common if p.name != "member"]
+    options = [p.replace(kind=_POSITIONAL) for p in registration.options()]
+    smoothing = no_smoothing_note(cls)
+    see_also = (
+        f"spherical_losses.family.{cls.__name__} : the member, a function of ``(s, q, o_c, D)``."
     )
-
-
-def spherical_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    eps: float = 0.01,
-) -> Tensor:
-    """Log-spherical softmax cross-entropy: ``L = −log(o_c² + ε) + log(q + Dε)``.
-
-    Arguments as :func:`spherical_loss`; ``eps > 0``.
-    """
-    return spherical_loss(
-        input, target, family.Spherical(eps), weight, ignore_index, reduction, label_smoothing
+    if registration.loss_module:
+        see_also += f"\nspherical_losses.{registration.loss_module} : the same loss as a module."
+    doc = describe(
+        registration,
+        f"The loss of :class:`{_member_path(registration)}`, with the conventions of "
+        ":func:`torch.nn.functional.cross_entropy`.",
+        f"{_LOSS_ARGUMENTS}\n    As for :func:`~spherical_losses.spherical_loss`{smoothing}.",
+        names,
+        "Returns\n-------\nTensor\n    A scalar, or for ``reduction='none'`` the target's "
+        f"shape (0 at ignored positions).\n\nSee Also\n--------\n{see_also}",
     )
+    _publish(loss, name, inspect.Signature([*common, *options], return_annotation=Tensor), doc)
 
 
-def z_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    a: float = 1.0,
-    b: float = 0.0,
-) -> Tensor:
-    """Z-loss (de Brébisson & Vincent 2016): ``softplus(a(b − z))/a`` of the target's z-score.
+def _softmax_functions(registration: family.Registration) -> None:
+    if not (name := registration.softmax_function):
+        return
+    cls = registration.member
+    names = registration.softmax_options
+    log_name = "log_" + name
 
-    ``z = (o_c − μ)/σ`` with ``μ``, ``σ`` the mean and standard deviation of the outputs.
-    Not the ``(log Z)²`` penalty that language-model code also calls "z-loss". Defines no
-    probabilities, so ``label_smoothing`` must be 0. Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.ZScore(a, b), weight, ignore_index, reduction, label_smoothing
+    def log_softmax(input: Tensor, dim: int = -1, *args: object, **kwargs: object) -> Tensor:
+        return _probability_map(
+            cls(**bind_options(registration, names, args, kwargs, log_name)), input, dim
+        )
+
+    def softmax(input: Tensor, dim: int = -1, *args: object, **kwargs: object) -> Tensor:
+        member = cls(**bind_options(registration, names, args, kwargs, name))
+        return _probability_map(member, input, dim).exp()
+
+    parameters = [
+        inspect.Parameter("input", _POSITIONAL, annotation=Tensor),
+        inspect.Parameter("dim", _POSITIONAL, default=-1, annotation=int),
+        *(p.replace(kind=_POSITIONAL) for p in registration.options() if p.name in names),
+    ]
+    signature = inspect.Signature(parameters, return_annotation=Tensor)
+    common = (
+        "input : Tensor\n    Logits of any shape (a 0-dim tensor is one class, as for "
+        ":func:`torch.softmax`).\ndim : int\n    The class dimension, as for :func:`torch.softmax`."
     )
+    for fn, fn_name, what in (
+        (log_softmax, log_name, "log-probabilities"),
+        (softmax, name, "probabilities"),
+    ):
+        doc = describe(
+            registration,
+            f"The class {what} of :class:`{_member_path(registration)}` along ``dim``.",
+            common,
+            names,
+            f"Returns\n-------\nTensor\n    The {what}, of the input's shape and dtype (half "
+            "precision is computed in float32).",
+        )
+        _publish(fn, fn_name, signature, doc)
 
 
-def softmax_upper_bound_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    xi: float | None = None,
-) -> Tensor:
-    """Spherical upper bound of the softmax cross-entropy (Bouchard 2007, Jaakkola–Jordan).
-
-    ``xi=None`` (default) uses the per-example ξ that minimizes the bound. Always ≥
-    :func:`~torch.nn.functional.cross_entropy`. Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.SoftmaxBound(xi), weight, ignore_index, reduction, label_smoothing
-    )
-
-
-def spherical_mse_loss(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Squared error to the one-hot target, ``‖o − e_c‖² = q − 2o_c + 1``, per example.
-
-    Arguments as :func:`spherical_loss`.
-    """
-    return spherical_loss(
-        input, target, family.SquaredError(), weight, ignore_index, reduction, label_smoothing
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# probability maps
-
-
-def log_taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
-    """``log p`` with ``p_k = f_n(o_k) / Σ_i f_n(o_i)``, ``f_n(x) = Σ_{j≤n} x^j / j!``.
-
-    ``order`` is an even ``n ≥ 2`` (odd orders can give negative "probabilities").
-    """
-    return _probability_map(family.Taylor(order), input, dim)
-
-
-def taylor_softmax(input: Tensor, dim: int = -1, order: int = 2) -> Tensor:
-    """Taylor softmax ``p_k = f_n(o_k) / Σ_i f_n(o_i)``; see :func:`log_taylor_softmax`."""
-    return log_taylor_softmax(input, dim, order).exp()
-
-
-def log_spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
-    """``log p`` with ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``, ``ε > 0``."""
-    return _probability_map(family.Spherical(eps), input, dim)
-
-
-def spherical_softmax(input: Tensor, dim: int = -1, eps: float = 0.01) -> Tensor:
-    """Spherical softmax ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``; see
-    :func:`log_spherical_softmax`."""
-    return log_spherical_softmax(input, dim, eps).exp()
+for _registration in family.registrations():
+    _loss_function(_registration)
+    _softmax_functions(_registration)
+del _registration
 
 
 def _probability_map(member: Member, input: Tensor, dim: int) -> Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from . import _conventions as conventions
@@ -9,16 +12,8 @@ from . import family
 from . import functional as F
 from .family import Member
 
-__all__ = [
-    "SoftmaxUpperBoundLoss",
-    "SphericalCrossEntropyLoss",
-    "SphericalLoss",
-    "SphericalMSELoss",
-    "SphericalSoftmax",
-    "TaylorCrossEntropyLoss",
-    "TaylorSoftmax",
-    "ZLoss",
-]
+# The named modules are appended as they are made, at the end.
+__all__ = ["ProbabilityMap", "SphericalLoss"]
 
 
 class SphericalLoss(nn.Module):
@@ -81,111 +76,122 @@ class SphericalLoss(nn.Module):
         return f"member={self.member!r}, reduction={self.reduction!r}"
 
 
-class TaylorCrossEntropyLoss(SphericalLoss):
-    """Log-Taylor softmax cross-entropy; see :func:`~spherical_losses.taylor_cross_entropy`."""
-
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        order: int = 2,
-        margin: float = 0.0,
-    ) -> None:
-        super().__init__(
-            family.Taylor(order, margin), weight, ignore_index, reduction, label_smoothing
-        )
+# --------------------------------------------------------------------------------------------
+# the named modules, made from the registry (family.register)
 
 
-class SphericalCrossEntropyLoss(SphericalLoss):
-    """Log-spherical softmax cross-entropy; see
-    :func:`~spherical_losses.spherical_cross_entropy`."""
-
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        eps: float = 0.01,
-    ) -> None:
-        super().__init__(family.Spherical(eps), weight, ignore_index, reduction, label_smoothing)
-
-
-class ZLoss(SphericalLoss):
-    """Z-loss (de Brébisson & Vincent 2016); see :func:`~spherical_losses.z_loss`.
-
-    Not the ``(log Z)²`` auxiliary penalty of language-model code.
+class ProbabilityMap(nn.Module):
+    """Base of the probability-map modules (:class:`TaylorSoftmax`, ...): holds ``dim`` and the
+    member's options, checked when the module is created, and calls the functional form.
     """
 
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        a: float = 1.0,
-        b: float = 0.0,
-    ) -> None:
-        super().__init__(family.ZScore(a, b), weight, ignore_index, reduction, label_smoothing)
+    function: Callable[..., Tensor]
 
-
-class SoftmaxUpperBoundLoss(SphericalLoss):
-    """Spherical upper bound of softmax cross-entropy; see
-    :func:`~spherical_losses.softmax_upper_bound_loss`."""
-
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        xi: float | None = None,
-    ) -> None:
-        super().__init__(family.SoftmaxBound(xi), weight, ignore_index, reduction, label_smoothing)
-
-
-class SphericalMSELoss(SphericalLoss):
-    """Squared error to the one-hot target; see :func:`~spherical_losses.spherical_mse_loss`."""
-
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        super().__init__(family.SquaredError(), weight, ignore_index, reduction, label_smoothing)
-
-
-class TaylorSoftmax(nn.Module):
-    """Taylor softmax along ``dim``; see :func:`~spherical_losses.taylor_softmax`."""
-
-    def __init__(self, dim: int = -1, order: int = 2) -> None:
+    def __init__(self, dim: int, options: dict[str, object]) -> None:
         super().__init__()
-        family.Taylor(order)  # checks the order now
         self.dim = dim
-        self.order = order
+        self.options = options
+        for key, value in options.items():
+            setattr(self, key, value)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.taylor_softmax(input, self.dim, self.order)
+        return type(self).function(input, self.dim, **self.options)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, order={self.order}"
+        return ", ".join(f"{k}={v}" for k, v in {"dim": self.dim, **self.options}.items())
 
 
-class SphericalSoftmax(nn.Module):
-    """Spherical softmax along ``dim``; see :func:`~spherical_losses.spherical_softmax`."""
+_SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
-    def __init__(self, dim: int = -1, eps: float = 0.01) -> None:
-        super().__init__()
-        family.Spherical(eps)  # checks eps now
-        self.dim = dim
-        self.eps = eps
 
-    def forward(self, input: Tensor) -> Tensor:
-        return F.spherical_softmax(input, self.dim, self.eps)
+def _publish(
+    name: str,
+    base: type[nn.Module],
+    parameters: list[inspect.Parameter],
+    build: Callable[[nn.Module, dict[str, object]], None],
+    doc: str,
+) -> None:
+    """Makes the module class ``name``: its ``__init__`` takes ``parameters`` (bound as Python
+    binds them, when the module is created) and hands them to ``build``.
+    """
+    signature = inspect.Signature(parameters)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, eps={self.eps}"
+    def __init__(self: nn.Module, *args: object, **kwargs: object) -> None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{name}(): {error}") from None
+        bound.apply_defaults()
+        build(self, bound.arguments)
+
+    __init__.__qualname__ = f"{name}.__init__"
+    __init__.__doc__ = f"See :class:`{name}`."
+    __init__.__signature__ = inspect.Signature([_SELF, *parameters], return_annotation=None)  # type: ignore[attr-defined]
+    globals()[name] = type(
+        name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    )
+    __all__.append(name)
+
+
+def _loss_module(registration: family.Registration) -> None:
+    if not (name := registration.loss_module):
+        return
+    cls = registration.member
+    common = list(inspect.signature(SphericalLoss.__init__, eval_str=True).parameters.values())
+    common = [p for p in common if p.name not in ("self", "member")]
+    options = [p.replace(kind=_POSITIONAL) for p in registration.options()]
+
+    def build(self: nn.Module, arguments: dict[str, object]) -> None:
+        member = cls(**{p.name: arguments[p.name] for p in options})
+        SphericalLoss.__init__(self, member, *(arguments[p.name] for p in common))  # type: ignore[arg-type]
+
+    doc = F.describe(
+        registration,
+        f"The loss of :class:`~spherical_losses.family.{cls.__name__}` as a module; see "
+        f":func:`~spherical_losses.{registration.loss_function}`.",
+        "weight, ignore_index, reduction, label_smoothing\n    As for "
+        f":class:`torch.nn.CrossEntropyLoss`{F.no_smoothing_note(cls)}; checked when the loss "
+        "is created.",
+        tuple(p.name for p in options),
+        "Shape\n-----\n" + _LOSS_SHAPE,
+    )
+    _publish(name, SphericalLoss, common + options, build, doc)
+
+
+def _softmax_module(registration: family.Registration) -> None:
+    if not (name := registration.softmax_module):
+        return
+    cls = registration.member
+    names = registration.softmax_options
+    dim = inspect.Parameter("dim", _POSITIONAL, default=-1, annotation=int)
+    options = [p.replace(kind=_POSITIONAL) for p in registration.options() if p.name in names]
+
+    def build(self: nn.Module, arguments: dict[str, object]) -> None:
+        member_options = {n: arguments[n] for n in names}
+        cls(**member_options)  # checks the options now
+        ProbabilityMap.__init__(self, arguments["dim"], member_options)  # type: ignore[arg-type]
+
+    fn = registration.softmax_function
+    doc = F.describe(
+        registration,
+        f"The class probabilities of :class:`~spherical_losses.family.{cls.__name__}` along "
+        f"``dim``, as a module; see :func:`~spherical_losses.{fn}`.",
+        "dim : int\n    The class dimension, as for :class:`torch.nn.Softmax`.",
+        names,
+        "Shape\n-----\ninput and output of any shape, the same.",
+    )
+    _publish(name, ProbabilityMap, [dim, *options], build, doc)
+    globals()[name].function = staticmethod(getattr(F, fn))
+
+
+_LOSS_SHAPE = (
+    "input ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; target ``()``, ``(N)`` or\n"
+    "``(N, d1, ..., dK)`` of class indices, or class probabilities of the input's shape;\n"
+    "output a scalar, or the target's shape for ``reduction='none'``."
+)
+
+for _registration in family.registrations():
+    _loss_module(_registration)
+    _softmax_module(_registration)
+del _registration
