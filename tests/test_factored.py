@@ -251,7 +251,7 @@ def test_batch_of_ignored_targets_applies_weight_decay_only(
         opt.step()
         dense_opt.step()
         if step % 2:
-            assert layer._session.last_update == "series"
+            assert opt.last_update == "series"
             assert torch.isnan(loss) == torch.isnan(dense) == (reduction == "mean")
             assert not h.grad.any() and not h2.grad.any()
         else:
@@ -289,10 +289,17 @@ def test_unbatched_input() -> None:
         ("dense", 1.0 - 1e-4, (16, 6)),  # M nearly singular
     ],
 )
-def test_every_way_of_inverting_M_is_exact(kind: str, ratio: float, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("side", ["auto", "woodbury", "square"])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_every_way_of_inverting_M_is_exact(
+    kind: str, ratio: float, shape: tuple[int, int], pinned: bool, side: str
+) -> None:
+    # Unpinned, the step chooses `kind` for this ratio; pinned, the argument chooses it. The
+    # shape chooses the side (m × m for (6, 16), d × d for (16, 6)) unless `side` does.
     batch, in_features = shape
     linear, layer = make_pair("mse", 30, in_features, bias=False, reduction="sum")
-    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02)
+    inverse = kind if pinned else "auto"
+    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02, side=side, inverse=inverse)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=0.0, weight_decay=0.02)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -309,8 +316,22 @@ def test_every_way_of_inverting_M_is_exact(kind: str, ratio: float, shape: tuple
         sl.spherical_loss(linear(h), target, "mse", reduction="sum").backward()
         opt.step()
         dense_opt.step()
-        assert layer._session.last_update == kind
+        assert opt.last_update == kind
         assert rel(layer.weight, linear.weight) <= 1e-9
+
+
+def test_a_pinned_variant_must_suit_the_step() -> None:
+    layer = FactoredSphericalLoss(4, 10, "mse", bias=False, reduction="sum", dtype=F64)
+    with pytest.raises(ValueError, match=r"inverse must be one of 'auto', 'series'.*got 'cg'"):
+        FactoredSGD(layer, inverse="cg")
+    with pytest.raises(ValueError, match=r"side must be one of 'auto', 'woodbury'.*got 'm'"):
+        FactoredSGD(layer, side="m")
+    # ‖J‖_F = 2η‖HᵀH‖_F ≥ a: the series would not converge, so pinning it raises.
+    opt = FactoredSGD(layer, lr=1.0, inverse="series")
+    h = torch.eye(4, dtype=F64)
+    layer(h, torch.arange(4)).backward()
+    with pytest.raises(ValueError, match=r"cannot take M⁻¹ by 'series'.*expected at most 0.5"):
+        opt.step()
 
 
 def test_repairs_keep_training_exact() -> None:

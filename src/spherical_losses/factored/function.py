@@ -1,0 +1,91 @@
+"""The autograd Function of the factored layer: the loss forward, and a backward that returns
+``∂L/∂h = α w̄ + 2β Q h + γ W_c`` and records the pending update on the layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .update import Pending
+
+if TYPE_CHECKING:
+    from .layer import FactoredSphericalLoss
+
+
+class _FactoredLossFunction(torch.autograd.Function):
+    """Per-example loss of the factored layer; the backward records the pending update."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        target: Tensor,
+        valid: Tensor | None,
+        layer: FactoredSphericalLoss,
+        trigger: Tensor | None,
+    ) -> Tensor:
+        H = layer._augment(input)
+        s, q, oc, W_c, P, w_bar = layer._statistics(H, target)
+        loss, alpha, beta, gamma = layer.member.loss_and_partials(s, q, oc, layer.num_classes)
+        n = H.shape[0]
+        if not alpha.shape == beta.shape == gamma.shape == loss.shape == (n,):
+            # A user-defined member may return scalars for constant partials.
+            loss, alpha, beta, gamma = torch.broadcast_tensors(loss, alpha, beta, gamma, s)[:4]
+        coef = torch.stack([alpha, beta, gamma], dim=1)
+        if valid is not None:
+            coef.masked_fill_(~valid.unsqueeze(1), 0.0)
+            loss = loss.masked_fill(~valid, 0.0)
+        # The reduction is done here, so that the backward gets one scale for all examples.
+        ctx.scale = None
+        if layer.reduction == "sum":
+            loss = loss.sum()
+        elif layer.reduction == "mean":
+            if valid is None:
+                loss = loss.mean()
+                ctx.scale = 1.0 / n if n else 0.0  # an empty batch has no coefficient to scale
+            else:
+                count = valid.sum().to(coef.dtype)
+                loss = loss.sum() / count
+                # With no target kept the mean is NaN (0/0) but the gradient zero, as with
+                # F.cross_entropy: the coefficients are all zero, and a finite scale keeps them so.
+                ctx.scale = 1.0 / count.clamp_min(1.0)
+        # Intermediates, held on ctx rather than saved (no input or output among them): w̄ is
+        # a view of the cast state, which a repair() may refresh in place before the backward,
+        # with the same value (that of W, which a repair keeps). The coefficients are saved as
+        # well, so that autograd frees them after a backward without retain_graph, and a second
+        # backward through the same graph raises as it would for a dense layer, instead of
+        # recording the update twice.
+        ctx.save_for_backward(coef)
+        ctx.intermediates = (H, target, W_c, P, s, w_bar)
+        ctx.layer = layer
+        ctx.version = layer._session.weight_version
+        ctx.record = trigger is not None
+        ctx.in_features = input.shape[-1]
+        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        layer: FactoredSphericalLoss = ctx.layer
+        layer._check_version(ctx.version)
+        (coef,) = ctx.saved_tensors  # (raises if the graph was freed by an earlier backward)
+        H, target, W_c, P, s, w_bar = ctx.intermediates
+        if grad_loss.dim():  # reduction 'none': one upstream gradient per example
+            coef = coef * grad_loss.unsqueeze(1)
+        else:
+            coef = coef * (grad_loss if ctx.scale is None else grad_loss * ctx.scale)
+        if ctx.record:
+            layer._record(Pending(H, coef, target, W_c, P, s))
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # ∂L/∂h = α w̄ + 2β Q h + γ W_c, without the bias column: computed on the first
+            # columns only, so the gradient is contiguous (autograd would copy a strided one).
+            n = ctx.in_features
+            alpha, beta, gamma = coef.split(1, dim=1)
+            grad = torch.mul(alpha, w_bar)  # α w̄ᵀ (w̄ without its bias entry)
+            grad_input = grad.addcmul_(P[:, :n], beta, value=2.0).addcmul_(W_c[:, :n], gamma)
+        return grad_input, None, None, None, None
