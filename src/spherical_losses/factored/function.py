@@ -1,5 +1,6 @@
 """The autograd Function of the factored layer: the loss forward, and a backward that returns
-``∂L/∂h = α w̄ + 2β Q h + γ W_c`` and records the pending update on the layer.
+``∂L/∂h = α w̄ + 2β Q h + γ W_c`` and records the pending update on the layer
+(``docs/factored-update.md`` §1–§2).
 """
 
 from __future__ import annotations

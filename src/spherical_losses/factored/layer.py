@@ -660,7 +660,8 @@ class FactoredSphericalLoss(nn.Module):
     def _bound_condition(self, sm_hi: float, sm_lo: float) -> None:
         """Updates the bounds on ``U``'s singular values for ``U' = U M``, where ``M``'s lie in
         ``[sm_lo, sm_hi]``. When the bounds leave the allowed range, first takes the exact
-        singular values (and recomputes ``U⁻¹``), and repairs only if those are out of range.
+        singular values (and recomputes ``U⁻¹``), and repairs only if those are out of range
+        (``docs/factored-update.md`` §7).
         """
         hi, lo = self._session.sigma
         if not self._sigma_in_range(hi * sm_hi, lo * sm_lo, 1.0):

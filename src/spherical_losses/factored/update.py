@@ -5,7 +5,7 @@ With ``a = 1 − ηλ``, ``b = 2ηβ``, ``J = Hᵀ diag(b) H``, ``M = a I − J`
 rows of the targets), so that ``U' = U M``, ``ω' = M ω + u``, ``U'⁻¹ = M⁻¹ U⁻¹``,
 ``V[c] += R U'⁻¹`` and ``Q' = a² Q + Y + Yᵀ`` with
 ``Y = J (Q J/2 − W_cᵀ R − a Q) + a W_cᵀ R + Rᵀ S R/2 + g uᵀ``, ``g = M w̄ + Rᵀ1 + D u/2``
-(``docs/factored-update.md`` derives them). A step runs in three phases:
+(``docs/factored-update.md`` derives them, §3–§4). A step runs in three phases:
 
 1. :func:`woodbury_products` or :func:`square_products`: the products with the minibatch,
    on the ``m × m`` side (Woodbury, when ``m`` is small next to ``d``) or the ``d × d`` side,
@@ -174,7 +174,7 @@ class Workspace:
         """The factors of the increments' blocks: the state becomes
         ``(state + inc · column_scale) · (a, a², a, a, 1/a)`` for the blocks of
         ``[Uᵀ | Q | ω | w̄ | U⁻¹]``, where inc holds ``J Uᵀ``, ``ΔQ``, ``J ω − u``,
-        ``J w̄ − D u − Rᵀ1`` and ``a M⁻¹ U⁻¹ − U⁻¹``.
+        ``J w̄ − D u − Rᵀ1`` and ``a M⁻¹ U⁻¹ − U⁻¹`` (``docs/factored-update.md`` §5).
         """
         if self.a != a:
             self.a = a
@@ -229,7 +229,7 @@ def same_target_sum(R: Tensor, target: Tensor) -> Tensor:
 def choose_side(m: int, d: int) -> str:
     """``'woodbury'`` (``M⁻¹`` through the ``m × m`` matrix ``a I − H Hᵀ diag(b)``) when that
     costs fewer multiply-adds over the whole step than the ``d × d`` side (``'square'``): for
-    ``d`` beyond about ``1.45 m``.
+    ``d`` beyond about ``1.45 m`` (``docs/factored-update.md`` §6).
     """
     return "woodbury" if 4 * m * d * d + 14 * m * m * d + m**3 < 10 * d**3 else "square"
 
@@ -296,7 +296,7 @@ def choose_inverse(
     factorization of ``M`` or a solve with the ``m × m`` matrix). Beyond, ``'eigen'``: the
     eigendecomposition of ``J`` in float64, unless ``M`` is nearly singular (condition number
     beyond ``max_condition / 4``), where a factored step would lose the precision of ``V``:
-    then ``'dense'``, the step applied to ``V`` itself.
+    then ``'dense'``, the step applied to ``V`` itself (``docs/factored-update.md`` §6).
     """
     r = rho / a if a > 0 else math.inf
     if kind in (None, "series", "direct") and r <= 0.5:
@@ -337,7 +337,7 @@ def woodbury_increments(
     increments and returns ``R U'⁻¹``, the rows added to ``V[c]``.
 
     ``a M⁻¹ = I + Hᵀ diag(b) (a I − G B)⁻¹ H`` with ``G B = H Hᵀ diag(b)``, so every ``d × d``
-    product of the ``d × d`` side becomes one through ``m``.
+    product of the ``d × d`` side becomes one through ``m`` (``docs/factored-update.md`` §6).
     """
     H, m = upd.H, upd.H.shape[0]
     hb, GB = p.hb, p.GB
@@ -441,7 +441,8 @@ def square_increments(
 
 def commit(V: Tensor, state: Tensor, ws: Workspace, target: Tensor, dV: Tensor, a: float) -> None:
     """The one change of a factored step: ``V[c] += dV``, and the float64 state
-    ``[Uᵀ | Q | ω | w̄ | U⁻¹]`` becomes ``(state + inc · column_scale) · (a, a², a, a, 1/a)``.
+    ``[Uᵀ | Q | ω | w̄ | U⁻¹]`` becomes ``(state + inc · column_scale) · (a, a², a, a, 1/a)``
+    (``docs/factored-update.md`` §5).
     """
     if V.device.type == "cpu":
         # (On the CPU index_add_ takes less time than index_put_ with accumulate, and it adds
