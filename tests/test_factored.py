@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
@@ -862,6 +863,115 @@ def test_cpu_training_is_bitwise_reproducible() -> None:
         assert all(torch.equal(first, train()) for _ in range(4))
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# as PyTorch behaves: errors, autocast, zero_grad, torch.compile
+
+
+def test_target_out_of_range_raises_index_error_as_cross_entropy() -> None:
+    layer = FactoredSphericalLoss(4, 10, "taylor")
+    h, target = torch.randn(3, 4), torch.tensor([1, 10, 3])
+    with pytest.raises(IndexError):
+        F.cross_entropy(torch.randn(3, 10), target)
+    with pytest.raises(IndexError, match=r"Target 10 is out of bounds for 10 classes"):
+        layer(h, target)
+    with pytest.raises(IndexError, match=r"Target -2 is out of bounds for 10 classes"):
+        layer.log_prob(h, torch.tensor([1, -2, 3]))
+
+
+def test_autocast_runs_the_layer_in_its_own_precision() -> None:
+    # The repro of issue 14: under autocast the forward ran in bfloat16 and the step failed.
+    torch.manual_seed(0)
+    head = FactoredSphericalLoss(32, 2000)
+    reference = copy.deepcopy(head)
+    opt, reference_opt = FactoredSGD(head, lr=0.1), FactoredSGD(reference, lr=0.1)
+    h, y = torch.randn(8, 32), torch.randint(0, 2000, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(h, y)
+        log_prob, logits = head.log_prob(h, y), head.logits(h)
+    expected = reference(h, y)
+    assert loss.dtype == torch.float32
+    assert rel(loss, expected) <= 1e-6
+    assert log_prob.dtype == logits.dtype == torch.float32
+    assert rel(log_prob, reference.log_prob(h, y)) <= 1e-6
+    assert rel(logits, reference.logits(h)) <= 1e-6
+    loss.backward()
+    expected.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a step inside the context too
+        opt.step()
+    reference_opt.step()
+    assert rel(head.weight, reference.weight) <= 1e-6
+    # A body's output under autocast is bfloat16: the layer takes it in float32, and the
+    # input's gradient comes back in bfloat16, as autograd casts it.
+    opt.zero_grad()
+    h_low = h.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(h_low, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h_low.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"bfloat16 does not match the layer's torch\.float32"):
+        head(h_low, y)  # outside autocast, a mismatch still raises
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_zero_grad_set_to_none_as_torch_optim_sgd(weight_decay: float) -> None:
+    linear, layer = make_pair("taylor", 12, 4)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=weight_decay)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.3, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(9)
+
+    def backward() -> None:
+        h = torch.randn(6, 4, generator=gen, dtype=F64)
+        target = torch.randint(0, 12, (6,), generator=gen)
+        layer(h, target).backward()
+        sl.spherical_loss(linear(h), target, "taylor").backward()
+
+    def both(*calls: str, **kwargs: bool) -> None:
+        for o in (opt, dense_opt):
+            for call in calls:
+                getattr(o, call)(**kwargs)
+
+    backward()
+    both("step")
+    # Zero gradients and no backward: each step applies the weight decay alone.
+    both("zero_grad", set_to_none=False)
+    both("step")
+    both("step")
+    assert rel(layer.weight, linear.weight) <= 1e-12
+    assert rel(layer.bias, linear.bias) <= 1e-12
+    # A backward then adds to the zero gradient.
+    backward()
+    both("step")
+    assert rel(layer.weight, linear.weight) <= 1e-12
+    # Gradients set to None: torch.optim.SGD skips the parameter, decay included; so does this.
+    before = layer.weight
+    both("zero_grad", set_to_none=True)
+    both("step")
+    assert torch.equal(layer.weight, before)
+    assert rel(layer.weight, linear.weight) <= 1e-12
+
+
+def test_compiled_forward_equals_eager() -> None:
+    # A model holding the layer, compiled whole (fullgraph=True: no graph break), for the
+    # evaluation forward: the target check is an assertion in the graph, not a synchronization.
+    torch.manual_seed(0)
+    body = nn.Linear(5, 8, dtype=F64)
+    head = FactoredSphericalLoss(8, 40, dtype=F64, ignore_index=3)
+    model = nn.ModuleDict({"body": body, "head": head})
+
+    def evaluate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = model["body"](x)
+        return model["head"](h, y), model["head"].log_prob(h, y)
+
+    compiled = torch.compile(evaluate, fullgraph=True, dynamic=False)
+    x, y = torch.randn(6, 5, dtype=F64), torch.tensor([0, 3, 39, 7, 3, 12])
+    with torch.no_grad():
+        for got, expected in zip(compiled(x, y), evaluate(x, y), strict=True):
+            assert rel(got, expected) <= 1e-12
+        # (The graph's own index check may fire before the layer's assertion.)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            compiled(x, torch.tensor([0, 3, 40, 7, 3, 12]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

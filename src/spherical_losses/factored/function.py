@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -15,6 +18,37 @@ from .update import Pending
 
 if TYPE_CHECKING:
     from .layer import FactoredSphericalLoss
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Turns :func:`torch.autocast` off for ``device``'s type, where it is on: the layer's
+    forward, backward and update run in the layer's own precision (float32 or float64), as
+    autocast runs ``F.cross_entropy`` in float32.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def own_precision(method: _Method) -> _Method:
+    """Runs a method of the layer taking ``input`` first with autocast off; under autocast, an
+    input of lower precision (float16, bfloat16: a network's output there) is cast to the
+    layer's dtype first. (Outside autocast a dtype mismatch raises, as before.)
+    """
+
+    @functools.wraps(method)
+    def wrapper(layer: FactoredSphericalLoss, input: Tensor, *args: Any, **kwargs: Any) -> Any:
+        device_type = layer.V.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return method(layer, input, *args, **kwargs)
+        if isinstance(input, Tensor) and input.dtype in (torch.float16, torch.bfloat16):
+            input = input.to(layer.V.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return method(layer, input, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class _FactoredLossFunction(torch.autograd.Function):
@@ -71,6 +105,11 @@ class _FactoredLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with autocast_off(grad_loss.device):
+            return _FactoredLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         layer: FactoredSphericalLoss = ctx.layer
         layer._check_version(ctx.version)
         (coef,) = ctx.saved_tensors  # (raises if the graph was freed by an earlier backward)

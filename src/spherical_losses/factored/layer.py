@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import _conventions as conventions
 from .. import family
 from ..family import Member, SphericalMember
-from .function import _FactoredLossFunction
+from .function import _FactoredLossFunction, own_precision
 from .update import Cast, Pending, Workspace, row_chunks
 
 if TYPE_CHECKING:
@@ -51,11 +51,14 @@ class _Session:
         "trigger",
         "weight_version",
         "workspace",
+        "zeroed",
     )
 
     def __init__(self) -> None:
         self.pending: list[Pending] = []
         self.consumed = False  # a step applied the pending update; zero_grad() not called since
+        # zero_grad(set_to_none=False) and no backward since: the gradient is zero, not none
+        self.zeroed = False
         self.trainable = True
         self.optimizer_ref: weakref.ref[FactoredSGD] | None = None
         self.weight_version = 0  # changes when W does: a backward must see its forward's W
@@ -70,6 +73,7 @@ class _Session:
         """A copy without the training session (optimizer, pending update) and the caches."""
         copy = _Session()
         copy.trainable, copy.sigma = self.trainable, self.sigma
+        copy.trigger = self.trigger  # (a copy gets its own: the state is deep-copied or pickled)
         copy.weight_version, copy.state_version = self.weight_version, self.state_version
         return copy
 
@@ -201,6 +205,7 @@ class FactoredSphericalLoss(nn.Module):
         self._state = torch.zeros(d, 3 * d + 2, device=device, dtype=torch.float64)
         self._register_state_views()
         self._session = _Session()
+        self._make_trigger(self.V.device)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------
@@ -279,30 +284,32 @@ class FactoredSphericalLoss(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discards the update recorded since the last step, like the :class:`FactoredSGD`'s
-        ``zero_grad()``. A parent module's ``zero_grad()`` does not reach it (it zeroes the
-        gradients of parameters, and this layer has none): call this or the optimizer's.
+        ``zero_grad()`` (which see for ``set_to_none``). A parent module's ``zero_grad()`` does
+        not reach it (it zeroes the gradients of parameters, and this layer has none): call
+        this or the optimizer's.
         """
         super().zero_grad(set_to_none)
-        self._discard_pending()
+        self._discard_pending(set_to_none)
 
     # ----------------------------------------------------------------------------------------
     # forward and evaluation
 
+    @own_precision
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The loss of ``input`` ``(N, in_features)`` against class indices ``target`` ``(N)``."""
         rows, target_rows, valid, unbatched = self._check(input, target)
         # A zero-sized leaf that requires grad makes autograd call the backward (which records
-        # the weight's update) even when the input needs no gradient.
+        # the weight's update) even when the input needs no gradient. (Made outside the forward,
+        # which torch.compile cannot create leaves in.)
         trigger = None
         if self._session.trainable and torch.is_grad_enabled():
             trigger = self._session.trigger
             if trigger is None or trigger.device != rows.device:
-                trigger = self._session.trigger = torch.empty(
-                    0, device=rows.device, requires_grad=True
-                )
+                trigger = self._make_trigger(rows.device)
         loss = _FactoredLossFunction.apply(rows, target_rows, valid, self, trigger)
         return loss.squeeze(0) if unbatched and self.reduction == "none" else loss
 
+    @own_precision
     def log_prob(self, input: Tensor, target: Tensor) -> Tensor:
         """Exact ``log p(target | input)`` in ``O(d²)`` per example, for members with probabilities.
 
@@ -333,6 +340,7 @@ class FactoredSphericalLoss(nn.Module):
         logp = logp.to(input.dtype)
         return logp.squeeze(0) if unbatched else logp
 
+    @own_precision
     def logits(self, input: Tensor, chunk_size: int | None = None) -> Tensor:
         """All outputs ``W h + b``: ``(N, num_classes)`` (or ``(num_classes)``), ``O(D d)`` each.
 
@@ -345,6 +353,7 @@ class FactoredSphericalLoss(nn.Module):
             out[:, start : start + chunk.shape[1]] = chunk
         return out.squeeze(0) if unbatched else out
 
+    @own_precision
     def topk(
         self, input: Tensor, k: int, chunk_size: int = 65536, *, by: str = "logit"
     ) -> tuple[Tensor, Tensor]:
@@ -499,6 +508,9 @@ class FactoredSphericalLoss(nn.Module):
             target = target.reshape(1)
         if target.numel() == 0:
             return rows, target, None, unbatched
+        if torch.compiler.is_compiling():
+            valid = self._traced_target_mask(target)
+            return rows, target.masked_fill(~valid, 0), valid, unbatched
         if not 0 <= self.ignore_index < self.num_classes:
             # The usual case (ignore_index = -100): targets all in range ignore nothing.
             low, high = torch.aminmax(target)
@@ -506,6 +518,25 @@ class FactoredSphericalLoss(nn.Module):
                 return rows, target, None, unbatched
         valid = conventions.target_mask(target, self.num_classes, self.ignore_index)
         return rows, target.masked_fill(~valid, 0), valid, unbatched
+
+    def _make_trigger(self, device: torch.device) -> Tensor:
+        with torch.inference_mode(False):
+            trigger = self._session.trigger = torch.empty(0, device=device, requires_grad=True)
+        return trigger
+
+    def _traced_target_mask(self, target: Tensor) -> Tensor:
+        """The mask of the targets kept, as ``conventions.target_mask`` gives it, for a traced
+        forward: a target out of range fails an assertion run with the graph (a RuntimeError,
+        as ``F.cross_entropy``'s device-side assert on CUDA) instead of a synchronizing check.
+        """
+        valid = target != self.ignore_index
+        bad = valid & ((target < 0) | (target >= self.num_classes))
+        torch._assert_async(
+            torch.logical_not(bad.any()),
+            f"Target out of bounds for {self.num_classes} classes (expected 0 <= target < "
+            f"{self.num_classes}, or ignore_index={self.ignore_index})",
+        )
+        return valid
 
     def _augment(self, rows: Tensor) -> Tensor:
         """``H``: the rows with a constant 1 appended when the layer has a bias."""
@@ -625,10 +656,12 @@ class FactoredSphericalLoss(nn.Module):
                 "exact factored form: call the FactoredSGD's zero_grad() after each step"
             )
         self._session.pending.append(pending)
+        self._session.zeroed = False
 
-    def _discard_pending(self) -> None:
+    def _discard_pending(self, set_to_none: bool = True) -> None:
         self._session.pending = []
         self._session.consumed = False
+        self._session.zeroed = not set_to_none
 
     def _take_pending(self) -> tuple[Pending | None, str | None]:
         """The update recorded since the last step, its rows in one :class:`Pending` (``None``
@@ -647,13 +680,20 @@ class FactoredSphericalLoss(nn.Module):
             return pending[0], problem
         if pending:  # W did not change between these backward calls: one update of all rows
             return Pending(*(torch.cat(parts) for parts in zip(*pending, strict=True))), problem
+        if session.zeroed:  # a zero gradient: an update of no rows, the weight decay alone
+            V = self.V
+            rows = V.new_zeros(0, V.shape[1])
+            none = V.new_zeros(0, dtype=torch.long)
+            return Pending(rows, V.new_zeros(0, 3), none, rows, rows, V.new_zeros(0)), None
         return None, problem
 
     def _stepped(self) -> None:
-        """Marks the recorded update as applied: W changed, and a backward now needs zero_grad()."""
+        """Marks the recorded update as applied: W changed, and a backward now needs zero_grad()
+        (unless the gradient was zero: a backward then adds to it, and a step applies it alone).
+        """
         session = self._session
         session.pending = []
-        session.consumed = True
+        session.consumed = not session.zeroed
         session.weight_version += 1
         session.state_version += 1
 
@@ -717,6 +757,8 @@ class FactoredSphericalLoss(nn.Module):
             self._pack_state(old, self._buffers["U"].device)
         self._session.weight_version += 1
         self._session.state_version += 1
+        if self._session.trigger is None or self._session.trigger.device != self.V.device:
+            self._make_trigger(self.V.device)
         return self
 
     def get_extra_state(self) -> dict[str, Any]:

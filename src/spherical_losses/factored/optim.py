@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import update
+from .function import autocast_off
 from .layer import FactoredSphericalLoss
 from .update import NonFiniteUpdateError, Pending
 
@@ -196,7 +197,9 @@ class FactoredSGD(torch.optim.Optimizer):
             return loss  # no gradient: dense SGD skips the parameter, weight decay included
         side = None if self.side == "auto" else self.side
         inverse = None if self.inverse == "auto" else self.inverse
-        with torch.inference_mode():  # (no autograd bookkeeping: a little less per operation)
+        # (No autograd bookkeeping: a little less per operation. No autocast: the update runs in
+        # the layer's precision, whatever the context of the step.)
+        with torch.inference_mode(), autocast_off(self.layer.V.device):
             self.last_update = apply_update(self.layer, pending, lr, weight_decay, side, inverse)
         self.layer._stepped()
         return loss
@@ -278,9 +281,19 @@ class FactoredSGD(torch.optim.Optimizer):
         return Pending(H, coef, target, W_c, P, s[:, 0])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Discards the update recorded since the last step (like zeroing dense gradients)."""
+        """Discards the update recorded since the last step (like zeroing dense gradients).
+
+        Parameters
+        ----------
+        set_to_none : bool
+            ``True`` (default): the layer's gradient becomes none, so a :meth:`step` with no
+            ``backward()`` since changes nothing, weight decay included, as
+            :class:`torch.optim.SGD` skips a parameter whose ``grad`` is ``None``. ``False``:
+            it becomes zero, so such a step applies the weight decay alone, as
+            :class:`torch.optim.SGD` does to zero gradients (at every such step).
+        """
         if self.layer._attached() is self:
-            self.layer._discard_pending()
+            self.layer._discard_pending(set_to_none)
 
 
 def apply_update(
