@@ -974,6 +974,48 @@ def test_compiled_forward_equals_eager() -> None:
             compiled(x, torch.tensor([0, 3, 40, 7, 3, 12]))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_training_equals_eager(reduction: str) -> None:
+    # The forward and backward of a model holding the layer, compiled whole (fullgraph=True),
+    # then the eager FactoredSGD step: the same losses, gradients and weights as all eager.
+    torch.manual_seed(0)
+    eager = nn.ModuleDict(
+        {
+            "body": nn.Linear(5, 8, dtype=F64),
+            "head": FactoredSphericalLoss(8, 40, dtype=F64, ignore_index=3, reduction=reduction),
+        }
+    )
+    twin = copy.deepcopy(eager)
+    optimizers = [
+        (torch.optim.SGD(model["body"].parameters(), lr=0.1), FactoredSGD(model["head"], lr=0.2))
+        for model in (eager, twin)
+    ]
+
+    def loss_of(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model["head"](model["body"](x), y).sum()
+
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(6, 5, generator=gen, dtype=F64)
+        y = torch.randint(0, 10, (6,), generator=gen)  # repeated targets, some ignored (3)
+        losses = []
+        for model, run, (body_opt, head_opt) in zip(
+            (eager, twin), (loss_of, compiled), optimizers, strict=True
+        ):
+            body_opt.zero_grad()
+            head_opt.zero_grad()
+            loss = run(model, x, y)
+            loss.backward()
+            body_opt.step()
+            head_opt.step()
+            losses.append(loss)
+        assert rel(losses[1], losses[0]) <= 1e-12
+        assert rel(twin["body"].weight, eager["body"].weight) <= 1e-12
+        assert rel(twin["head"].weight, eager["head"].weight) <= 1e-12
+        assert rel(twin["head"].bias, eager["head"].bias) <= 1e-12
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", ["m > d", "m < d"])
 @pytest.mark.parametrize("member", MEMBERS)

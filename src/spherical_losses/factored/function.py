@@ -51,6 +51,36 @@ def own_precision(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
+def per_example(
+    layer: FactoredSphericalLoss, input: Tensor, target: Tensor, valid: Tensor | None
+) -> tuple[Tensor, ...]:
+    """The loss of each example and what its gradients need: ``(loss, coef, H, W_c, P, s, w̄)``
+    with ``coef`` the columns ``α, β, γ`` (zero rows, and zero loss, where ``valid`` is false).
+    """
+    H = layer._augment(input)
+    s, q, oc, W_c, P, w_bar = layer._statistics(H, target)
+    loss, alpha, beta, gamma = layer.member.loss_and_partials(s, q, oc, layer.num_classes)
+    if not alpha.shape == beta.shape == gamma.shape == loss.shape == s.shape:
+        # A user-defined member may return scalars for constant partials.
+        loss, alpha, beta, gamma = torch.broadcast_tensors(loss, alpha, beta, gamma, s)[:4]
+    coef = torch.stack([alpha, beta, gamma], dim=1)
+    if valid is not None:
+        coef.masked_fill_(~valid.unsqueeze(1), 0.0)
+        loss = loss.masked_fill(~valid, 0.0)
+    return loss, coef, H, W_c, P, s, w_bar
+
+
+def input_gradient(coef: Tensor, w_bar: Tensor, P: Tensor, W_c: Tensor) -> Tensor:
+    """``∂L/∂h = α w̄ + 2β Q h + γ W_c`` for the rows of ``coef`` (already scaled by the upstream
+    gradient), without the bias column: computed on the first columns only, so that the
+    gradient is contiguous (autograd would copy a strided one).
+    """
+    n = w_bar.shape[0]  # (w̄ without its bias entry)
+    alpha, beta, gamma = coef.split(1, dim=1)
+    grad = torch.mul(alpha, w_bar)
+    return grad.addcmul_(P[:, :n], beta, value=2.0).addcmul_(W_c[:, :n], gamma)
+
+
 class _FactoredLossFunction(torch.autograd.Function):
     """Per-example loss of the factored layer; the backward records the pending update."""
 
@@ -63,17 +93,8 @@ class _FactoredLossFunction(torch.autograd.Function):
         layer: FactoredSphericalLoss,
         trigger: Tensor | None,
     ) -> Tensor:
-        H = layer._augment(input)
-        s, q, oc, W_c, P, w_bar = layer._statistics(H, target)
-        loss, alpha, beta, gamma = layer.member.loss_and_partials(s, q, oc, layer.num_classes)
+        loss, coef, H, W_c, P, s, w_bar = per_example(layer, input, target, valid)
         n = H.shape[0]
-        if not alpha.shape == beta.shape == gamma.shape == loss.shape == (n,):
-            # A user-defined member may return scalars for constant partials.
-            loss, alpha, beta, gamma = torch.broadcast_tensors(loss, alpha, beta, gamma, s)[:4]
-        coef = torch.stack([alpha, beta, gamma], dim=1)
-        if valid is not None:
-            coef.masked_fill_(~valid.unsqueeze(1), 0.0)
-            loss = loss.masked_fill(~valid, 0.0)
         # The reduction is done here, so that the backward gets one scale for all examples.
         ctx.scale = None
         if layer.reduction == "sum":
@@ -99,7 +120,6 @@ class _FactoredLossFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.version = layer._session.weight_version
         ctx.record = trigger is not None
-        ctx.in_features = input.shape[-1]
         return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
     @staticmethod
@@ -122,10 +142,5 @@ class _FactoredLossFunction(torch.autograd.Function):
             layer._record(Pending(H, coef, target, W_c, P, s))
         grad_input = None
         if ctx.needs_input_grad[0]:
-            # ∂L/∂h = α w̄ + 2β Q h + γ W_c, without the bias column: computed on the first
-            # columns only, so the gradient is contiguous (autograd would copy a strided one).
-            n = ctx.in_features
-            alpha, beta, gamma = coef.split(1, dim=1)
-            grad = torch.mul(alpha, w_bar)  # α w̄ᵀ (w̄ without its bias entry)
-            grad_input = grad.addcmul_(P[:, :n], beta, value=2.0).addcmul_(W_c[:, :n], gamma)
+            grad_input = input_gradient(coef, w_bar, P, W_c)
         return grad_input, None, None, None, None

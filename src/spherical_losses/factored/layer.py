@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import _conventions as conventions
 from .. import family
 from ..family import Member, SphericalMember
+from . import traced
 from .function import _FactoredLossFunction, own_precision
 from .update import Cast, Pending, Workspace, row_chunks
 
@@ -206,6 +207,7 @@ class FactoredSphericalLoss(nn.Module):
         self._register_state_views()
         self._session = _Session()
         self._make_trigger(self.V.device)
+        traced.register(self)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------
@@ -306,7 +308,12 @@ class FactoredSphericalLoss(nn.Module):
             trigger = self._session.trigger
             if trigger is None or trigger.device != rows.device:
                 trigger = self._make_trigger(rows.device)
-        loss = _FactoredLossFunction.apply(rows, target_rows, valid, self, trigger)
+        if torch.compiler.is_compiling():
+            if valid is None:
+                valid = torch.ones_like(target_rows, dtype=torch.bool)
+            loss = traced.traced_loss(self, rows, target_rows, valid, trigger)
+        else:
+            loss = _FactoredLossFunction.apply(rows, target_rows, valid, self, trigger)
         return loss.squeeze(0) if unbatched and self.reduction == "none" else loss
 
     @own_precision
@@ -781,6 +788,10 @@ class FactoredSphericalLoss(nn.Module):
             self._pack_state(loaded, self._buffers["U"].device)
         self._session.weight_version += 1
         self._session.state_version += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        traced.register(self)  # (a copy is another layer for the traced forward)
 
     def __getstate__(self) -> dict[str, Any]:
         # The attachment to an optimizer and the pending update belong to a training session.
