@@ -516,7 +516,7 @@ class FactoredSphericalLoss(nn.Module):
         if target.numel() == 0:
             return rows, target, None, unbatched
         if torch.compiler.is_compiling():
-            valid = self._traced_target_mask(target)
+            valid = traced.target_mask(target, self.num_classes, self.ignore_index)
             return rows, target.masked_fill(~valid, 0), valid, unbatched
         if not 0 <= self.ignore_index < self.num_classes:
             # The usual case (ignore_index = -100): targets all in range ignore nothing.
@@ -530,20 +530,6 @@ class FactoredSphericalLoss(nn.Module):
         with torch.inference_mode(False):
             trigger = self._session.trigger = torch.empty(0, device=device, requires_grad=True)
         return trigger
-
-    def _traced_target_mask(self, target: Tensor) -> Tensor:
-        """The mask of the targets kept, as ``conventions.target_mask`` gives it, for a traced
-        forward: a target out of range fails an assertion run with the graph (a RuntimeError,
-        as ``F.cross_entropy``'s device-side assert on CUDA) instead of a synchronizing check.
-        """
-        valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= self.num_classes))
-        torch._assert_async(
-            torch.logical_not(bad.any()),
-            f"Target out of bounds for {self.num_classes} classes (expected 0 <= target < "
-            f"{self.num_classes}, or ignore_index={self.ignore_index})",
-        )
-        return valid
 
     def _augment(self, rows: Tensor) -> Tensor:
         """``H``: the rows with a constant 1 appended when the layer has a bias."""
