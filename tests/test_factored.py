@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
@@ -251,7 +252,7 @@ def test_batch_of_ignored_targets_applies_weight_decay_only(
         opt.step()
         dense_opt.step()
         if step % 2:
-            assert layer._session.last_update == "series"
+            assert opt.last_update == "series"
             assert torch.isnan(loss) == torch.isnan(dense) == (reduction == "mean")
             assert not h.grad.any() and not h2.grad.any()
         else:
@@ -289,10 +290,17 @@ def test_unbatched_input() -> None:
         ("dense", 1.0 - 1e-4, (16, 6)),  # M nearly singular
     ],
 )
-def test_every_way_of_inverting_M_is_exact(kind: str, ratio: float, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("side", ["auto", "woodbury", "square"])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_every_way_of_inverting_M_is_exact(
+    kind: str, ratio: float, shape: tuple[int, int], pinned: bool, side: str
+) -> None:
+    # Unpinned, the step chooses `kind` for this ratio; pinned, the argument chooses it. The
+    # shape chooses the side (m × m for (6, 16), d × d for (16, 6)) unless `side` does.
     batch, in_features = shape
     linear, layer = make_pair("mse", 30, in_features, bias=False, reduction="sum")
-    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02)
+    inverse = kind if pinned else "auto"
+    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02, side=side, inverse=inverse)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=0.0, weight_decay=0.02)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -309,8 +317,22 @@ def test_every_way_of_inverting_M_is_exact(kind: str, ratio: float, shape: tuple
         sl.spherical_loss(linear(h), target, "mse", reduction="sum").backward()
         opt.step()
         dense_opt.step()
-        assert layer._session.last_update == kind
+        assert opt.last_update == kind
         assert rel(layer.weight, linear.weight) <= 1e-9
+
+
+def test_a_pinned_variant_must_suit_the_step() -> None:
+    layer = FactoredSphericalLoss(4, 10, "mse", bias=False, reduction="sum", dtype=F64)
+    with pytest.raises(ValueError, match=r"inverse must be one of 'auto', 'series'.*got 'cg'"):
+        FactoredSGD(layer, inverse="cg")
+    with pytest.raises(ValueError, match=r"side must be one of 'auto', 'woodbury'.*got 'm'"):
+        FactoredSGD(layer, side="m")
+    # ‖J‖_F = 2η‖HᵀH‖_F ≥ a: the series would not converge, so pinning it raises.
+    opt = FactoredSGD(layer, lr=1.0, inverse="series")
+    h = torch.eye(4, dtype=F64)
+    layer(h, torch.arange(4)).backward()
+    with pytest.raises(ValueError, match=r"cannot take M⁻¹ by 'series'.*expected at most 0.5"):
+        opt.step()
 
 
 def test_repairs_keep_training_exact() -> None:
@@ -841,6 +863,157 @@ def test_cpu_training_is_bitwise_reproducible() -> None:
         assert all(torch.equal(first, train()) for _ in range(4))
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# as PyTorch behaves: errors, autocast, zero_grad, torch.compile
+
+
+def test_target_out_of_range_raises_index_error_as_cross_entropy() -> None:
+    layer = FactoredSphericalLoss(4, 10, "taylor")
+    h, target = torch.randn(3, 4), torch.tensor([1, 10, 3])
+    with pytest.raises(IndexError):
+        F.cross_entropy(torch.randn(3, 10), target)
+    with pytest.raises(IndexError, match=r"Target 10 is out of bounds for 10 classes"):
+        layer(h, target)
+    with pytest.raises(IndexError, match=r"Target -2 is out of bounds for 10 classes"):
+        layer.log_prob(h, torch.tensor([1, -2, 3]))
+
+
+def test_autocast_runs_the_layer_in_its_own_precision() -> None:
+    # The repro of issue 14: under autocast the forward ran in bfloat16 and the step failed.
+    torch.manual_seed(0)
+    head = FactoredSphericalLoss(32, 2000)
+    reference = copy.deepcopy(head)
+    opt, reference_opt = FactoredSGD(head, lr=0.1), FactoredSGD(reference, lr=0.1)
+    h, y = torch.randn(8, 32), torch.randint(0, 2000, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(h, y)
+        log_prob, logits = head.log_prob(h, y), head.logits(h)
+    expected = reference(h, y)
+    assert loss.dtype == torch.float32
+    assert rel(loss, expected) <= 1e-6
+    assert log_prob.dtype == logits.dtype == torch.float32
+    assert rel(log_prob, reference.log_prob(h, y)) <= 1e-6
+    assert rel(logits, reference.logits(h)) <= 1e-6
+    loss.backward()
+    expected.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a step inside the context too
+        opt.step()
+    reference_opt.step()
+    assert rel(head.weight, reference.weight) <= 1e-6
+    # A body's output under autocast is bfloat16: the layer takes it in float32, and the
+    # input's gradient comes back in bfloat16, as autograd casts it.
+    opt.zero_grad()
+    h_low = h.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(h_low, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h_low.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"bfloat16 does not match the layer's torch\.float32"):
+        head(h_low, y)  # outside autocast, a mismatch still raises
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_zero_grad_set_to_none_as_torch_optim_sgd(weight_decay: float) -> None:
+    linear, layer = make_pair("taylor", 12, 4)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=weight_decay)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.3, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(9)
+
+    def backward() -> None:
+        h = torch.randn(6, 4, generator=gen, dtype=F64)
+        target = torch.randint(0, 12, (6,), generator=gen)
+        layer(h, target).backward()
+        sl.spherical_loss(linear(h), target, "taylor").backward()
+
+    def both(*calls: str, **kwargs: bool) -> None:
+        for o in (opt, dense_opt):
+            for call in calls:
+                getattr(o, call)(**kwargs)
+
+    backward()
+    both("step")
+    # Zero gradients and no backward: each step applies the weight decay alone.
+    both("zero_grad", set_to_none=False)
+    both("step")
+    both("step")
+    assert rel(layer.weight, linear.weight) <= 1e-12
+    assert rel(layer.bias, linear.bias) <= 1e-12
+    # A backward then adds to the zero gradient.
+    backward()
+    both("step")
+    assert rel(layer.weight, linear.weight) <= 1e-12
+    # Gradients set to None: torch.optim.SGD skips the parameter, decay included; so does this.
+    before = layer.weight
+    both("zero_grad", set_to_none=True)
+    both("step")
+    assert torch.equal(layer.weight, before)
+    assert rel(layer.weight, linear.weight) <= 1e-12
+
+
+def test_compiled_forward_equals_eager() -> None:
+    # A model holding the layer, compiled whole (fullgraph=True: no graph break), for the
+    # evaluation forward: the target check is an assertion in the graph, not a synchronization.
+    torch.manual_seed(0)
+    body = nn.Linear(5, 8, dtype=F64)
+    head = FactoredSphericalLoss(8, 40, dtype=F64, ignore_index=3)
+    model = nn.ModuleDict({"body": body, "head": head})
+
+    def evaluate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = model["body"](x)
+        return model["head"](h, y), model["head"].log_prob(h, y)
+
+    compiled = torch.compile(evaluate, fullgraph=True, dynamic=False)
+    x, y = torch.randn(6, 5, dtype=F64), torch.tensor([0, 3, 39, 7, 3, 12])
+    with torch.no_grad():
+        for got, expected in zip(compiled(x, y), evaluate(x, y), strict=True):
+            assert rel(got, expected) <= 1e-12
+        # (The graph's own index check may fire before the layer's assertion.)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            compiled(x, torch.tensor([0, 3, 40, 7, 3, 12]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_training_equals_eager(reduction: str) -> None:
+    # The forward and backward of a model holding the layer, compiled whole (fullgraph=True),
+    # then the eager FactoredSGD step: the same losses, gradients and weights as all eager.
+    torch.manual_seed(0)
+    eager = nn.ModuleDict(
+        {
+            "body": nn.Linear(5, 8, dtype=F64),
+            "head": FactoredSphericalLoss(8, 40, dtype=F64, ignore_index=3, reduction=reduction),
+        }
+    )
+    twin = copy.deepcopy(eager)
+    optimizers = [
+        (torch.optim.SGD(model["body"].parameters(), lr=0.1), FactoredSGD(model["head"], lr=0.2))
+        for model in (eager, twin)
+    ]
+
+    def loss_of(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model["head"](model["body"](x), y).sum()
+
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(6, 5, generator=gen, dtype=F64)
+        y = torch.randint(0, 10, (6,), generator=gen)  # repeated targets, some ignored (3)
+        losses = []
+        for model, run, (body_opt, head_opt) in zip(
+            (eager, twin), (loss_of, compiled), optimizers, strict=True
+        ):
+            body_opt.zero_grad()
+            head_opt.zero_grad()
+            loss = run(model, x, y)
+            loss.backward()
+            body_opt.step()
+            head_opt.step()
+            losses.append(loss)
+        assert rel(losses[1], losses[0]) <= 1e-12
+        assert rel(twin["body"].weight, eager["body"].weight) <= 1e-12
+        assert rel(twin["head"].weight, eager["head"].weight) <= 1e-12
+        assert rel(twin["head"].bias, eager["head"].bias) <= 1e-12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -48,7 +48,7 @@ def _worker(
 ) -> None:
     torch.set_num_threads(1)
     if int_targets:  # as if the classes outnumbered the integers that V's dtype holds exactly
-        factored._targets_fit = lambda num_classes, dtype: False
+        factored.optim._targets_fit = lambda num_classes, dtype: False
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         # Another initial weight on rank 1: the optimizer's broadcast must replace it.
