@@ -515,11 +515,10 @@ class FactoredSphericalLoss(nn.Module):
             target = target.reshape(1)
         if target.numel() == 0:
             return rows, target, None, unbatched
-        if torch.compiler.is_compiling():
-            valid = traced.target_mask(target, self.num_classes, self.ignore_index)
-            return rows, target.masked_fill(~valid, 0), valid, unbatched
-        if not 0 <= self.ignore_index < self.num_classes:
-            # The usual case (ignore_index = -100): targets all in range ignore nothing.
+        if not 0 <= self.ignore_index < self.num_classes and conventions.reads_values(target):
+            # The usual case (ignore_index = -100), eagerly on the CPU: targets all in range
+            # ignore nothing, and the step skips the mask. (Elsewhere the mask is kept, so that
+            # nothing waits for the device.)
             low, high = torch.aminmax(target)
             if 0 <= int(low) and int(high) < self.num_classes:
                 return rows, target, None, unbatched

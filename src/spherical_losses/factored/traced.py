@@ -24,7 +24,7 @@ from .update import Pending
 if TYPE_CHECKING:
     from .layer import FactoredSphericalLoss
 
-__all__ = ["register", "target_mask", "traced_loss"]
+__all__ = ["register", "traced_loss"]
 
 # The layers by key (their id), for the operators.
 _LAYERS: weakref.WeakValueDictionary[int, FactoredSphericalLoss] = weakref.WeakValueDictionary()
@@ -33,22 +33,6 @@ _LAYERS: weakref.WeakValueDictionary[int, FactoredSphericalLoss] = weakref.WeakV
 def register(layer: FactoredSphericalLoss) -> None:
     """Makes ``layer`` reachable by the operators under the key ``id(layer)``."""
     _LAYERS[id(layer)] = layer
-
-
-def target_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """The mask of the targets kept, as :func:`~.._conventions.target_mask` gives it, for a
-    traced forward: a target out of range fails an assertion run with the graph (a
-    RuntimeError, as ``F.cross_entropy``'s device-side assert on CUDA) instead of a check that
-    synchronizes with the device and that the compiler cannot trace.
-    """
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= num_classes))
-    torch._assert_async(
-        torch.logical_not(bad.any()),
-        f"Target out of bounds for {num_classes} classes (expected 0 <= target < "
-        f"{num_classes}, or ignore_index={ignore_index})",
-    )
-    return valid
 
 
 def traced_loss(layer: FactoredSphericalLoss, rows: Tensor, target: Tensor, valid: Tensor,
