@@ -23,6 +23,7 @@ from .functional import (
     taylor_softmax,
     z_loss,
 )
+from .linear import LinearSphericalLoss, linear_spherical_loss
 from .modules import (
     SoftmaxUpperBoundLoss,
     SphericalCrossEntropyLoss,
@@ -63,6 +64,7 @@ def get_loss(name: str, **options: object) -> SphericalLoss:
 __all__ = [
     "FactoredSGD",
     "FactoredSphericalLoss",
+    "LinearSphericalLoss",
     "Member",
     "NonFiniteUpdateError",
     "SoftmaxUpperBoundLoss",
@@ -77,6 +79,7 @@ __all__ = [
     "family",
     "get_loss",
     "get_member",
+    "linear_spherical_loss",
     "log_spherical_softmax",
     "log_taylor_softmax",
     "member_names",
