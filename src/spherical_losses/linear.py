@@ -78,7 +78,9 @@ def arithmetic_cost(
     raise ValueError(f"method must be one of 'gram', 'chunked', 'dense', got {method!r}")
 
 
-def _resolve_method(method: str, m: int, D: int, d: int, input_grad: bool, weight_grad: bool) -> str:
+def _resolve_method(
+    method: str, m: int, D: int, d: int, input_grad: bool, weight_grad: bool
+) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if method != "auto":
@@ -336,7 +338,9 @@ def _check_layer(
     return D, d
 
 
-def _check_target(target: object, input: Tensor, D: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _check_target(
+    target: object, input: Tensor, D: int, ignore_index: int
+) -> tuple[Tensor, Tensor]:
     target = conventions.class_indices(target)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(
