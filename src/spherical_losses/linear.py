@@ -182,8 +182,12 @@ def _chunked_statistics(
     return s, q
 
 
-class _GramLoss(torch.autograd.Function):
-    """Per-example loss from ``Q = WᵀW``; closed-form backward (module docstring)."""
+class _LinearLoss(torch.autograd.Function):
+    """Per-example loss of a spherical member on ``h Wᵀ + b``, closed-form backward.
+
+    ``chunk=None``: the Gram method (module docstring); an int: the logits ``chunk`` classes
+    at a time, in the forward and again in the backward.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -193,99 +197,112 @@ class _GramLoss(torch.autograd.Function):
         target: Tensor,
         valid: Tensor,
         member: SphericalMember,
+        chunk: int | None,
         ieee: bool,
     ) -> tuple[Tensor, ...]:
-        with _ieee_matmul(ieee):
-            s, q, PW, w_bar, _ = _gram_statistics(h, W, b)
         W_c, oc = _target_outputs(h, W, b, target)
-        loss, alpha, beta2, gamma = _partials(member, s, q, oc, W.shape[0], valid)
-        return loss, alpha, beta2, gamma, PW, W_c, w_bar
+        if chunk is None:
+            with _ieee_matmul(ieee):
+                s, q, PW, w_bar, _ = _gram_statistics(h, W, b)
+            # Q h + Wᵀb, W_c and w̄ are what the backward needs besides the partials.
+            extra = (PW, W_c, w_bar)
+        else:
+            s, q = _chunked_statistics(h, W, b, chunk)
+            extra = ()
+        return (*_partials(member, s, q, oc, W.shape[0], valid), *extra)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        h, W, b, target, _, _, ieee = inputs
-        _, alpha, beta2, gamma, PW, W_c, w_bar = output
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(h, W, b, target, alpha, beta2, gamma, PW, W_c, w_bar)
-        ctx.ieee = ieee
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        h, W, b, target, alpha, beta2, gamma, PW, W_c, w_bar = ctx.saved_tensors
-        a, b2, g = alpha * grad_loss, beta2 * grad_loss, gamma * grad_loss
-        grad_h = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # ∂h = α w̄ + 2β (Q h + Wᵀb) + γ W_c
-            grad_h = torch.addcmul(torch.outer(a, w_bar), b2.unsqueeze(1), PW)
-            grad_h.addcmul_(g.unsqueeze(1), W_c)
-        need_W = ctx.needs_input_grad[1]
-        need_b = b is not None and ctx.needs_input_grad[2]
-        v = b2 @ h if (need_b or (need_W and b is not None)) else None  # Σ 2β h
-        if need_W:
-            with _ieee_matmul(ctx.ieee):
-                M = (h * b2.unsqueeze(1)).T @ h  # Σ 2β h hᵀ, (d, d)
-                grad_W = torch.addmm(a @ h, W, M)  # 1 (Σ α h)ᵀ + W M: one pass over W
-            if b is not None:
-                grad_W.addr_(b, v)
-            grad_W.index_add_(0, target, h * g.unsqueeze(1))
-        if need_b:
-            grad_b = torch.addmv(b * b2.sum(), W, v).add_(a.sum())
-            grad_b.index_add_(0, target, g)
-        return grad_h, grad_W, grad_b, None, None, None, None
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """Per-example loss from logits formed ``chunk`` classes at a time (also in the backward)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        h: Tensor,
-        W: Tensor,
-        b: Tensor | None,
-        target: Tensor,
-        valid: Tensor,
-        member: SphericalMember,
-        chunk: int,
-    ) -> tuple[Tensor, ...]:
-        s, q = _chunked_statistics(h, W, b, chunk)
-        _, oc = _target_outputs(h, W, b, target)
-        return _partials(member, s, q, oc, W.shape[0], valid)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        h, W, b, target, _, _, chunk = inputs
+        h, W, b, target, _, _, ctx.chunk, ctx.ieee = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(h, W, b, target, *output[1:])
-        ctx.chunk = chunk
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        h, W, b, target, alpha, beta2, gamma = ctx.saved_tensors
-        a, b2, g = (t * grad_loss for t in (alpha, beta2, gamma))
+        h, W, b, target, alpha, beta2, gamma, *extra = ctx.saved_tensors
+        # The partials of the reduced loss (the upstream gradient holds the class weights).
+        a, b2, g = alpha * grad_loss, beta2 * grad_loss, gamma * grad_loss
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b is not None and ctx.needs_input_grad[2]
-        grad_h = h.new_zeros(h.shape) if need_h else None
-        grad_W = torch.empty_like(W) if need_W else None
-        grad_b = torch.empty_like(b) if need_b else None
-        a_, b2_ = a.unsqueeze(1), b2.unsqueeze(1)
-        for start, o in _scoring.linear_logit_chunks(h, W, b, ctx.chunk):
-            stop = start + o.shape[1]
-            G = o.mul_(b2_).add_(a_)  # ∂L/∂o = α + 2β o on this block, the γ term below
-            if need_h:
-                grad_h.addmm_(G, W[start:stop])
-            if need_W:
-                torch.mm(G.T, h, out=grad_W[start:stop])
-            if need_b:
-                torch.sum(G, 0, out=grad_b[start:stop])
-        if need_h:
-            grad_h.addcmul_(g.unsqueeze(1), W.index_select(0, target))
+        if ctx.chunk is None:
+            grads = _gram_backward(h, W, b, a, b2, g, *extra, need_h, need_W, need_b, ctx.ieee)
+        else:
+            grads = _chunked_backward(h, W, b, target, a, b2, g, need_h, need_W, need_b, ctx.chunk)
+        grad_h, grad_W, grad_b = grads
+        # The γ terms, at the targets: Σ_i e_{c_i} γ_i h_iᵀ and Σ_i γ_i e_{c_i}.
         if need_W:
             grad_W.index_add_(0, target, h * g.unsqueeze(1))
         if need_b:
             grad_b.index_add_(0, target, g)
-        return grad_h, grad_W, grad_b, None, None, None, None
+        return grad_h, grad_W, grad_b, None, None, None, None, None
+
+
+def _gram_backward(
+    h: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    a: Tensor,
+    b2: Tensor,
+    g: Tensor,
+    PW: Tensor,
+    W_c: Tensor,
+    w_bar: Tensor,
+    need_h: bool,
+    need_W: bool,
+    need_b: bool,
+    ieee: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients from ``Q``, but for the ``γ`` terms of the weight and bias."""
+    grad_h = grad_W = grad_b = None
+    if need_h:
+        # ∂h = α w̄ + 2β (Q h + Wᵀb) + γ W_c
+        grad_h = torch.addcmul(torch.outer(a, w_bar), b2.unsqueeze(1), PW)
+        grad_h.addcmul_(g.unsqueeze(1), W_c)
+    v = b2 @ h if (need_b or (need_W and b is not None)) else None  # Σ 2β h
+    if need_W:
+        with _ieee_matmul(ieee):
+            M = (h * b2.unsqueeze(1)).T @ h  # Σ 2β h hᵀ, (d, d)
+            grad_W = torch.addmm(a @ h, W, M)  # 1 (Σ α h)ᵀ + W M: one pass over W
+        if b is not None:
+            grad_W.addr_(b, v)
+    if need_b:
+        grad_b = torch.addmv(b * b2.sum(), W, v).add_(a.sum())
+    return grad_h, grad_W, grad_b
+
+
+def _chunked_backward(
+    h: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    a: Tensor,
+    b2: Tensor,
+    g: Tensor,
+    need_h: bool,
+    need_W: bool,
+    need_b: bool,
+    chunk: int,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients from the logits again, a block of classes at a time, but for the ``γ``
+    terms of the weight and bias.
+    """
+    grad_h = h.new_zeros(h.shape) if need_h else None
+    grad_W = torch.empty_like(W) if need_W else None
+    grad_b = torch.empty_like(b) if need_b else None
+    a_, b2_ = a.unsqueeze(1), b2.unsqueeze(1)
+    for start, o in _scoring.linear_logit_chunks(h, W, b, chunk):
+        stop = start + o.shape[1]
+        G = o.mul_(b2_).add_(a_)  # ∂L/∂o = α + 2β o on this block (γ at the targets)
+        if need_h:
+            grad_h.addmm_(G, W[start:stop])
+        if need_W:
+            torch.mm(G.T, h, out=grad_W[start:stop])
+        if need_b:
+            torch.sum(G, 0, out=grad_b[start:stop])
+    if need_h:
+        grad_h.addcmul_(g.unsqueeze(1), W.index_select(0, target))
+    return grad_h, grad_W, grad_b
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,11 +470,9 @@ def linear_spherical_loss(
         h = input.reshape(-1, d).to(dtype)
         W = linear_weight.to(dtype)
         b = None if linear_bias is None else linear_bias.to(dtype)
-        if method == "gram":
-            ieee = input.device.type == "cuda" and not allow_tf32
-            per = _GramLoss.apply(h, W, b, rows_target, rows_valid, member, ieee)[0]
-        else:
-            per = _ChunkedLoss.apply(h, W, b, rows_target, rows_valid, member, _chunk_size(m, D))[0]
+        chunk = None if method == "gram" else _chunk_size(m, D)
+        ieee = input.device.type == "cuda" and not allow_tf32
+        per = _LinearLoss.apply(h, W, b, rows_target, rows_valid, member, chunk, ieee)[0]
         w = rows_valid.to(dtype)
         if weight is not None:
             w = w * weight.to(dtype).index_select(0, rows_target)
