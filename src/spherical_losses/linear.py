@@ -232,10 +232,25 @@ class _LinearLoss(torch.autograd.Function):
         grad_h, grad_W, grad_b = grads
         # The γ terms, at the targets: Σ_i e_{c_i} γ_i h_iᵀ and Σ_i γ_i e_{c_i}.
         if need_W:
-            grad_W.index_add_(0, target, h * g.unsqueeze(1))
+            _add_rows(grad_W, target, h * g.unsqueeze(1))
         if need_b:
             grad_b.index_add_(0, target, g)
         return grad_h, grad_W, grad_b, None, None, None, None, None
+
+
+def _add_rows(out: Tensor, index: Tensor, rows: Tensor) -> None:
+    """``out[index[i]] += rows[i]`` for every ``i``, in a fixed order (reproducible bits).
+
+    On the CPU as a 1-D ``index_add_`` on the flat view: the same sums in the same order, but
+    ``index_add_`` of whole rows took about 100 ms for 4,096 rows of 256 on two threads (against
+    about 1 ms on one), longer than the rest of the step but its two products.
+    """
+    if out.device.type != "cpu" or not out.is_contiguous():
+        out.index_add_(0, index, rows)
+        return
+    d = out.shape[1]
+    flat = (index.unsqueeze(1) * d + torch.arange(d, device=index.device)).view(-1)
+    out.view(-1).index_add_(0, flat, rows.reshape(-1))
 
 
 def _gram_backward(
@@ -263,7 +278,10 @@ def _gram_backward(
     if need_W:
         with _ieee_matmul(ieee):
             M = (h * b2.unsqueeze(1)).T @ h  # Σ 2β h hᵀ, (d, d)
-            grad_W = torch.addmm(a @ h, W, M)  # 1 (Σ α h)ᵀ + W M: one pass over W
+            grad_W = W @ M
+        # 1 (Σ α h)ᵀ: a broadcast add in place (addmm's copy of a broadcast row into its
+        # output took longer than the product itself).
+        grad_W.add_(a @ h)
         if b is not None:
             grad_W.addr_(b, v)
     if need_b:
