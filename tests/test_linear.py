@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import spherical_losses as sl
@@ -78,6 +80,26 @@ def test_matches_dense_reference(member, bias, weighted, ignore, reduction, meth
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, r in zip(_grads(got, (h, W, b)), _grads(want, (h, W, b)), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@settings(deadline=None)  # (the first examples pay for the member's first call)
+@given(
+    m=st.integers(0, 6),
+    D=st.integers(2, 12),
+    d=st.integers(1, 6),
+    scale=st.sampled_from([0.01, 1.0, 30.0]),
+    member=st.sampled_from(SPHERICAL),
+    method=st.sampled_from(METHODS),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_dense_reference_any_size(m, D, d, scale, member, method, seed):
+    h, W, b, y = _case(seed, shape=(m,), D=D, d=d, scale=scale)
+    kw = {"reduction": "sum"}
+    got = sl.linear_spherical_loss(h, W, y, member, linear_bias=b, method=method, **kw)
+    want = _dense(h, W, b, y, member, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, r in zip(_grads(got, (h, W, b)), _grads(want, (h, W, b)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", METHODS)
