@@ -148,7 +148,7 @@ def _target_outputs(
 
 def _gram_statistics(
     h: Tensor, W: Tensor, b: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``s``, ``q``, ``Qh + Wᵀb`` (m, d), ``w̄`` from ``Q = WᵀW``: one ``D × d × d`` product,
     one ``m × d × d``. Differentiable by autograd (``log_prob`` uses it so).
     """
@@ -167,7 +167,7 @@ def _gram_statistics(
         q = q + 2.0 * HQ[:, d + 1] + b.dot(b)
         P = P + Wtb
     # hᵀQh of a positive semi-definite Q can round below 0 where every logit is about 0.
-    return s, q.clamp(min=0.0), P, w_bar, Q
+    return s, q.clamp(min=0.0), P, w_bar
 
 
 def _chunked_statistics(
@@ -203,7 +203,7 @@ class _LinearLoss(torch.autograd.Function):
         W_c, oc = _target_outputs(h, W, b, target)
         if chunk is None:
             with _ieee_matmul(ieee):
-                s, q, PW, w_bar, _ = _gram_statistics(h, W, b)
+                s, q, PW, w_bar = _gram_statistics(h, W, b)
             # Q h + Wᵀb, W_c and w̄ are what the backward needs besides the partials.
             extra = (PW, W_c, w_bar)
         else:
