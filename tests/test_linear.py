@@ -255,6 +255,30 @@ def test_tied_input_and_output_weights(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_transposed_weight(method, small_chunks):
+    # A weight stored as (d, D) and passed as a transposed view.
+    h, W, b, y = _case(15)
+    P = W.detach().T.contiguous().requires_grad_()
+    got = sl.linear_spherical_loss(h, P.T, y, linear_bias=b, method=method)
+    want = _dense(h, P.T, b, y, "taylor")
+    for g, r in zip(_grads(got, (h, P, b)), _grads(want, (h, P, b)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_is_reproducible_with_repeated_targets(method):
+    # Many examples per class: the sums at the targets are taken in a fixed order.
+    h, W, b, y = _case(16, shape=(2048,), D=50, d=64, dtype=torch.float32)
+    y = y % 5
+    first, second = (
+        _grads(sl.linear_spherical_loss(h, W, y, linear_bias=b, method=method), (h, W, b))
+        for _ in range(2)
+    )
+    for g1, g2 in zip(first, second, strict=True):
+        assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_torch_compile(method):
     torch._dynamo.reset()
     h, W, b, y = _case(11)
