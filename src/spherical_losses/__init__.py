@@ -16,6 +16,7 @@ from . import family, functional, modules
 from .factored import FactoredSGD, FactoredSphericalLoss, NonFiniteUpdateError
 from .family import Member, SphericalMember, get_member, member_names
 from .functional import spherical_loss
+from .linear import LinearSphericalLoss, linear_spherical_loss
 from .modules import SphericalLoss
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ get_loss.__doc__ = f"""A loss module by member name, as the experiment suite's `
 __all__ = [
     "FactoredSGD",
     "FactoredSphericalLoss",
+    "LinearSphericalLoss",
     "Member",
     "NonFiniteUpdateError",
     "SphericalLoss",
@@ -56,6 +58,7 @@ __all__ = [
     "family",
     "get_loss",
     "get_member",
+    "linear_spherical_loss",
     "member_names",
     "spherical_loss",
 ]
