@@ -31,6 +31,7 @@ only; they say so with ``spherical = False``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -238,24 +239,36 @@ _M = TypeVar("_M", bound=type[Member])
 
 
 def register(
-    *,
-    loss_function: str | None = None,
-    loss_module: str | None = None,
-    softmax_function: str | None = None,
-    softmax_module: str | None = None,
-    softmax_options: tuple[str, ...] = (),
+    loss_function: str | None = None, loss_module: str | None = None
 ) -> Callable[[_M], _M]:
-    """Class decorator that registers a built-in member under its ``name`` (see
-    :class:`Registration` for the arguments).
+    """Class decorator that registers a built-in member under its ``name``, with the names of
+    its functional loss and its module (see :class:`Registration`).
     """
 
     def add(cls: _M) -> _M:
         if cls.name in _REGISTRY:
             raise ValueError(f"a member named {cls.name!r} is already registered")
-        if (softmax_function or softmax_module) and not cls.has_probabilities:
+        _REGISTRY[cls.name] = Registration(cls, loss_function, loss_module)
+        return cls
+
+    return add
+
+
+def register_softmax(
+    function: str, module: str, options: tuple[str, ...] = ()
+) -> Callable[[_M], _M]:
+    """Class decorator, above :func:`register`, that adds a registered member's probability
+    map: its function, its module and the options they take (see :class:`Registration`).
+    """
+
+    def add(cls: _M) -> _M:
+        if not cls.has_probabilities:
             raise ValueError(f"{cls.__name__} defines no probabilities, so no softmax")
-        _REGISTRY[cls.name] = Registration(
-            cls, loss_function, loss_module, softmax_function, softmax_module, softmax_options
+        _REGISTRY[cls.name] = dataclasses.replace(
+            _REGISTRY[cls.name],
+            softmax_function=function,
+            softmax_module=module,
+            softmax_options=options,
         )
         return cls
 
@@ -340,13 +353,8 @@ def taylor_polynomial_log(x: Tensor, order: int) -> Tensor:
     return torch.log(acc) + order * torch.log(m)
 
 
-@register(
-    loss_function="taylor_cross_entropy",
-    loss_module="TaylorCrossEntropyLoss",
-    softmax_function="taylor_softmax",
-    softmax_module="TaylorSoftmax",
-    softmax_options=("order",),
-)
+@register_softmax("taylor_softmax", "TaylorSoftmax", options=("order",))
+@register("taylor_cross_entropy", "TaylorCrossEntropyLoss")
 class Taylor(SphericalMember):
     """Log-Taylor softmax: ``p_k ∝ f_n(o_k)``, ``f_n(x) = Σ_{j≤n} x^j/j!`` (``n`` even).
 
@@ -443,13 +451,8 @@ class Taylor(SphericalMember):
 # spherical softmax
 
 
-@register(
-    loss_function="spherical_cross_entropy",
-    loss_module="SphericalCrossEntropyLoss",
-    softmax_function="spherical_softmax",
-    softmax_module="SphericalSoftmax",
-    softmax_options=("eps",),
-)
+@register_softmax("spherical_softmax", "SphericalSoftmax", options=("eps",))
+@register("spherical_cross_entropy", "SphericalCrossEntropyLoss")
 class Spherical(SphericalMember):
     """Log-spherical softmax: ``p_k = (o_k² + ε) / Σ_i (o_i² + ε)``.
 
@@ -559,7 +562,7 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     return xi
 
 
-@register(loss_function="softmax_upper_bound_loss", loss_module="SoftmaxUpperBoundLoss")
+@register("softmax_upper_bound_loss", "SoftmaxUpperBoundLoss")
 class SoftmaxBound(SphericalMember):
     """Spherical upper bound of log-softmax (Bouchard 2007, Jaakkola–Jordan).
 
@@ -621,7 +624,7 @@ class SoftmaxBound(SphericalMember):
 # Z-loss
 
 
-@register(loss_function="z_loss", loss_module="ZLoss")
+@register("z_loss", "ZLoss")
 class ZScore(SphericalMember):
     """Z-loss (de Brébisson & Vincent 2016): a softplus of the target's z-score.
 
@@ -687,7 +690,7 @@ class ZScore(SphericalMember):
 # squared error
 
 
-@register(loss_function="spherical_mse_loss", loss_module="SphericalMSELoss")
+@register("spherical_mse_loss", "SphericalMSELoss")
 class SquaredError(SphericalMember):
     """Squared error to the one-hot target: ``L = ‖o − e_c‖² = q − 2 o_c + 1``."""
 
@@ -758,6 +761,7 @@ __all__ = [
     "get_member",
     "member_names",
     "register",
+    "register_softmax",
     "registrations",
     *(registration.member.__name__ for registration in _REGISTRY.values()),
 ]

@@ -239,10 +239,34 @@ def spherical_loss(
             return spherical_loss(
                 input.float(), target, member, weight, ignore_index, reduction, label_smoothing
             )
+    probability_target = _check_arguments(
+        input, target, member, weight, ignore_index, reduction, label_smoothing
+    )
+    if not probability_target:
+        target, valid = _check_class_target(input, target, ignore_index)
+    native = member.native_loss(input, target, weight, ignore_index, reduction, label_smoothing)
+    if native is not None:
+        return native.to(input.dtype)
+    if probability_target:
+        return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
+    return _class_index_loss(input, target, valid, member, weight, reduction, label_smoothing)
+
+
+def _check_arguments(
+    input: Tensor,
+    target: Tensor,
+    member: Member,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> bool:
+    """Checks what does not depend on the target's values; returns whether the target holds
+    class probabilities (else class indices).
+    """
     conventions.check_reduction(reduction)
     conventions.check_label_smoothing(label_smoothing)
-    num_classes = input.shape[0 if input.dim() == 1 else 1]
-    conventions.check_weight(weight, num_classes)
+    conventions.check_weight(weight, input.shape[0 if input.dim() == 1 else 1])
     if not isinstance(target, Tensor):
         raise ValueError(f"target must be a tensor, got {type(target).__name__}")
     probability_target = target.is_floating_point()
@@ -263,19 +287,24 @@ def spherical_loss(
                 f"ignore_index applies to class-index targets only; with class-probability "
                 f"targets it must stay negative (the default -100), got {ignore_index}"
             )
-    else:
-        target, valid = _check_class_target(input, target, ignore_index)
-    native = member.native_loss(input, target, weight, ignore_index, reduction, label_smoothing)
-    if native is not None:
-        return native.to(input.dtype)
-    if probability_target:
-        return _probability_target_loss(input, target, member, weight, reduction, label_smoothing)
-    if member.margin and label_smoothing > 0:
+    elif member.margin and label_smoothing > 0:
         raise ValueError(
             "label_smoothing needs the model's probabilities, which a margin changes per "
             "target; use margin=0"
         )
+    return probability_target
 
+
+def _class_index_loss(
+    input: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    member: Member,
+    weight: Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor:
+    """The loss for checked class-index targets (int64, ``valid`` the mask of those kept)."""
     logits = _to_rows(input, class_dim=True)
     rows_valid = _to_rows(valid, class_dim=False)
     rows_target = torch.where(rows_valid, _to_rows(target, class_dim=False), 0)
@@ -301,7 +330,7 @@ def spherical_loss(
         smooth = -(logp * weight.to(logp.dtype) if weight is not None else logp).sum(-1)
         smooth = smooth.masked_fill(~rows_valid, 0.0)
         loss = (1.0 - label_smoothing) * loss + (
-            label_smoothing / num_classes
+            label_smoothing / logits.shape[-1]
         ) * conventions.weighted_reduce(smooth, w, reduction, target.shape)
     return loss.to(input.dtype)
 
