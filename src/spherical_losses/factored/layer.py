@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _conventions as conventions
+from .. import _scoring as scoring
 from .. import family
 from ..family import Member, SphericalMember
 from . import traced
@@ -387,16 +388,11 @@ class FactoredSphericalLoss(nn.Module):
         (values, indices) : tuple of Tensor
             ``(N, k)`` (or ``(k)``), sorted in decreasing order, as :func:`torch.topk`.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
-            raise ValueError(f"k must be an integer in [1, {self.num_classes}], got {k!r}")
-        if by not in ("logit", "probability"):
-            raise ValueError(f"by must be 'logit' or 'probability', got {by!r}")
-        if by == "probability" and not self.member.has_probabilities:
-            raise ValueError(
-                f"the {self.member.name!r} loss defines no class probabilities; use by='logit'"
-            )
+        k = scoring.check_topk(
+            k, self.num_classes, by, self.member.has_probabilities, self.member.name
+        )
         rows, unbatched = self._check_input(input)
-        score: Callable[[Tensor], Tensor] = lambda chunk: chunk  # noqa: E731
+        score = None
         if by == "probability":
             # log p_k = target_log_prob(s, q, o_k, D) for every class k of a chunk.
             H = self._augment(rows)
@@ -405,16 +401,9 @@ class FactoredSphericalLoss(nn.Module):
             s, q = HQ[:, d + 1 :], torch.linalg.vecdot(HQ[:, :d], H).unsqueeze(1)
             member, D = self.member, self.num_classes
             score = lambda chunk: member.target_log_prob(s, q, chunk, D)  # noqa: E731
-        # The running top k, merged with each chunk's own top k.
-        values = rows.new_empty(rows.shape[0], 0)
-        indices = torch.empty(rows.shape[0], 0, dtype=torch.long, device=rows.device)
-        for start, logits in self._logit_chunks(rows, chunk_size):
-            chunk = score(logits)
-            chunk_values, chunk_indices = chunk.topk(min(k, chunk.shape[1]), dim=1)
-            values, order = torch.cat([values, chunk_values], dim=1).topk(
-                min(k, values.shape[1] + chunk_values.shape[1]), dim=1
-            )
-            indices = torch.cat([indices, chunk_indices + start], dim=1).gather(1, order)
+        values, indices = scoring.topk_of_chunks(
+            self._logit_chunks(rows, chunk_size), k, rows.shape[0], score=score, like=rows
+        )
         if unbatched:
             return values.squeeze(0), indices.squeeze(0)
         return values, indices
@@ -588,8 +577,7 @@ class FactoredSphericalLoss(nn.Module):
     def _logit_chunks(self, rows: Tensor, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
         if chunk_size is None:
             chunk_size = self.num_classes
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        scoring.check_chunk_size(chunk_size)
         state = self._cast_state()
         H = self._augment(rows)
         # o = V (U h) + ω·h: one (N, d) product, then a product with V's rows per chunk.
