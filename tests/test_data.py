@@ -50,13 +50,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str, dest: Path) -> None:
         raise AssertionError(f"test tried to fetch {url}")
 
-    monkeypatch.setattr(data, "_fetch", refuse)
+    monkeypatch.setattr(data.downloads, "_fetch", refuse)
 
 
 @pytest.fixture
 def fixture_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hold the loaders to the record counts of the small fixture files."""
-    monkeypatch.setattr(data, "_OFFICIAL_COUNTS", FIXTURE_COUNTS)
+    # (the loaders of data/ share one dict: its entries are replaced, not the dict)
+    for task, counts in FIXTURE_COUNTS.items():
+        monkeypatch.setitem(data._OFFICIAL_COUNTS, task, counts)
 
 
 @contextlib.contextmanager
@@ -744,8 +746,7 @@ def tokens(text: str) -> int:
 @pytest.fixture
 def fixture_ptb(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the fixture texts TRAIN, VALID and TEST the official PTB files (their counts)."""
-    counts = {**data._OFFICIAL_COUNTS, "ptb": (tokens(TRAIN), tokens(VALID), tokens(TEST))}
-    monkeypatch.setattr(data, "_OFFICIAL_COUNTS", counts)
+    monkeypatch.setitem(data._OFFICIAL_COUNTS, "ptb", (tokens(TRAIN), tokens(VALID), tokens(TEST)))
 
 
 @pytest.mark.usefixtures("fixture_ptb")
@@ -900,7 +901,7 @@ def test_bptt_batches_shapes_and_shift() -> None:
 
 
 def serve(files: dict[str, bytes], log: list[str] | None = None) -> Callable[[str, Path], None]:
-    """A stand-in for ``data._fetch`` that serves ``files`` by URL."""
+    """A stand-in for ``data.downloads._fetch`` that serves ``files`` by URL."""
 
     def fetch(url: str, dest: Path) -> None:
         if log is not None:
@@ -933,7 +934,7 @@ def test_download_verifies_and_places_files(
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": t for n, t in PTB_TEXTS.items()}
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     folder = data.download("ptb", tmp_path)
     assert folder == tmp_path / "ptb"
     assert sorted(p.name for p in folder.iterdir()) == sorted(PTB_TEXTS)
@@ -950,7 +951,7 @@ def test_download_keeps_existing_files(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": t for n, t in PTB_TEXTS.items()}
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.train.txt").write_bytes(PTB_TEXTS["ptb.train.txt"])
     data.download("ptb", tmp_path)
@@ -962,7 +963,7 @@ def test_download_checksum_mismatch_leaves_nothing(
 ) -> None:
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": b"tampered " + t for n, t in PTB_TEXTS.items()}
-    monkeypatch.setattr(data, "_fetch", serve(files))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files))
     with pytest.raises(data.DataError, match=r"Checksum mismatch for ptb\.train\.txt") as info:
         data.download("ptb", tmp_path)
     assert str(tmp_path / "ptb" / "ptb.train.txt") in str(info.value)
@@ -976,7 +977,7 @@ def test_download_offline_says_what_to_place(
         dest.write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(data.downloads, "_fetch", offline)
     with pytest.raises(data.DataError) as info:
         data.download("ptb", tmp_path)
     message = str(info.value)
@@ -1003,7 +1004,7 @@ def test_download_tries_mirrors_and_checks_gunzipped_content(
         files[urls[1]] = gzip.compress(gzip.decompress(gz), mtime=123)  # other gzip header
     monkeypatch.setitem(data._SOURCES, "mnist", tuple(resources))
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     data.download("mnist", tmp_path / "root")
     assert len(log) == 8
     out = data.load_mnist(tmp_path / "root")
@@ -1028,7 +1029,7 @@ def use_tarball(monkeypatch: pytest.MonkeyPatch, task: str, payload: bytes) -> N
         f"{task}.tar.gz", (url,), f"md5:{hashlib.md5(payload).hexdigest()}", extract=True
     )
     monkeypatch.setitem(data._SOURCES, task, (resource,))
-    monkeypatch.setattr(data, "_fetch", serve({url: payload}))
+    monkeypatch.setattr(data.downloads, "_fetch", serve({url: payload}))
 
 
 @pytest.mark.usefixtures("fixture_counts")
@@ -1093,7 +1094,7 @@ def test_download_constants_match_real_files(
     def copy(url: str, dest: Path) -> None:
         shutil.copyfile(by_name[url.rpartition("/")[2]], dest)
 
-    monkeypatch.setattr(data, "_fetch", copy)
+    monkeypatch.setattr(data.downloads, "_fetch", copy)
     data.download("ptb", tmp_path)
     data.download("mnist", tmp_path)
     with no_warnings():
