@@ -1,4 +1,4 @@
-"""The ``spherical-losses`` command line: ``train``, ``compare`` and ``report``."""
+"""The ``spherical-losses`` command line: ``train``, ``compare``, ``tune`` and ``report``."""
 
 from __future__ import annotations
 
@@ -32,13 +32,29 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--losses", required=True, help="comma-separated loss names")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0 .. K-1 (default 3)")
 
-    for p in (t, c):
+    u = sub.add_parser(
+        "tune",
+        help="select a loss's learning rate and options on held-out data (Optuna); saves them "
+        "for train and compare",
+    )
+    add_run_options(u, "tune")
+    u.add_argument("--trials", type=int, default=20, help="finished trials of the study (20)")
+    u.add_argument(
+        "--storage",
+        help="the study's database URL (default: sqlite:///<out>/tune/<task>-<profile>/study.db); "
+        "several processes given one URL share the study",
+    )
+
+    for p in (t, c, u):
         p.add_argument(
             "--download", action="store_true", help="fetch missing data from the official sources"
         )
 
     r = sub.add_parser("report", help="Markdown/CSV tables and PNG plots of finished runs")
-    r.add_argument("results_dir", help="a folder of run directories (e.g. runs/mnist)")
+    r.add_argument(
+        "results_dir",
+        help="a folder of run directories (e.g. runs/mnist), or of a tune (runs/tune/mnist-cpu)",
+    )
     r.add_argument("--to", help="where to write the report (default: RESULTS_DIR)")
     return parser
 
@@ -102,10 +118,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+def _tune(args: argparse.Namespace) -> int:
+    from .options import config_from_args
+    from .tune import tune
 
-    md, _ = write_report(Path(args.results_dir), Path(args.to) if args.to else None)
+    config = config_from_args(args)
+    _load_data(args)
+    entry = tune(config, args.trials, args.storage)
+    if entry["lr"] is None:
+        print(f"no finished trial with a finite {entry['metric']}: nothing saved", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"selected: {json.dumps(entry)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report, write_tuning_report
+
+    folder, to = Path(args.results_dir), Path(args.to) if args.to else None
+    if any(folder.glob("trials-*.csv")):  # a tune's folder: <out>/tune/<task>-<profile>
+        md = write_tuning_report(folder, to)
+    else:
+        md, _ = write_report(folder, to)
     print(md.read_text())
     return 0
 
@@ -115,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "compare": _compare, "report": _report}[args.command](args)
+        commands = {"train": _train, "compare": _compare, "tune": _tune, "report": _report}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # DataError and RunError are ValueErrors
         print(f"spherical-losses: error: {err}", file=sys.stderr)
         return 2

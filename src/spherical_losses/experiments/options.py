@@ -109,27 +109,33 @@ class RunConfig:
         help="an option of the task's model, e.g. dropout=0 (repeatable)",
     )  # fmt: skip
     dtype: str = _option("float32", choices=lambda: ("float32", "float64"))
+    tuned_dir: str | None = _option(
+        None, help="where tuned settings are read (default: the package's tuned/ folder)"
+    )
+    ignore_tuned: bool = _option(
+        False, kind="switch", commands=("train", "compare"),
+        help="the profile's values even where a tune saved settings",
+    )  # fmt: skip
     quiet: bool = _option(False, kind="switch", help="no progress bars or per-epoch lines")
     resume: bool = _option(
         False, kind="switch", commands=("train",), help="continue an interrupted run"
     )
 
     def settings(self) -> Settings:
-        """The profile's settings with this run's overrides; every option checked here.
+        """The profile's settings with this run's tuned values and overrides (see
+        :meth:`resolve`)."""
+        return self.resolve().settings
+
+    def resolve(self) -> Resolved:
+        """The run's settings and loss options, each from the command line, else from the
+        tuned settings of the task and profile (unless ``ignore_tuned``), else the profile's
+        (the member's defaults for loss options); every option checked here.
 
         Raises :class:`RunError` (a ``ValueError``) naming the bad value and what was expected.
         """
-        if self.profile not in PROFILES:
-            raise RunError(
-                f"unknown profile {self.profile!r}; expected one of {', '.join(PROFILES)}"
-            )
-        profile = PROFILES[self.profile]
-        base = profile.get(self.task, profile["ptb"] if self.task == "text" else None)
-        if base is None:
-            raise RunError(f"unknown task {self.task!r}")
+        base = profile_settings(self)
         if self.dtype not in ("float32", "float64"):
             raise RunError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        family.get_member(self.loss, **self.loss_options)  # a bad loss or option fails here
         changes: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -140,7 +146,34 @@ class RunConfig:
                 changes[f.name] = value
         if self.model_options:
             changes["model"] = {**base.model, **_checked_model_options(self)}
-        return base.replace(**changes)
+        sources = {name: "command line" for name in changes}
+        tuned = None if self.ignore_tuned else self._tuned_entry()
+        loss_options = dict(self.loss_options)
+        if tuned is not None:
+            entry, path = tuned
+            where = f"tuned ({path})"
+            if "lr" not in changes:
+                changes["lr"], sources["lr"] = float(entry["lr"]), where
+            for key, value in entry.get("loss_options", {}).items():
+                if key not in loss_options:
+                    loss_options[key] = value
+                    sources[f"loss_options.{key}"] = where
+        sources.update({f"loss_options.{k}": "command line" for k in self.loss_options})
+        family.get_member(self.loss, **loss_options)  # a bad loss or option fails here
+        settings = base.replace(**changes)
+        for name in asdict(settings):
+            sources.setdefault(name, f"profile {self.profile}")
+        return Resolved(settings, loss_options, dict(sorted(sources.items())))
+
+    def _tuned_entry(self) -> tuple[dict[str, Any], Any] | None:
+        from .tuned import entry_key, read_entry
+
+        try:
+            return read_entry(
+                self.task, self.profile, entry_key(self.loss, self.output), self.tuned_dir
+            )
+        except ValueError as error:
+            raise RunError(f"{error}; fix it, or give --ignore-tuned") from None
 
     def loss_spec(self) -> str:
         """``name`` or ``name(key=value,...)``: how tables name the loss."""
@@ -151,6 +184,26 @@ class RunConfig:
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's resolved settings and loss options, and where each value came from
+    (``"command line"``, ``"tuned (<file>)"`` or ``"profile <name>"``)."""
+
+    settings: Settings
+    loss_options: dict[str, Any]
+    sources: dict[str, str]
+
+
+def profile_settings(config: RunConfig) -> Settings:
+    if config.profile not in PROFILES:
+        raise RunError(f"unknown profile {config.profile!r}; expected one of {', '.join(PROFILES)}")
+    profile = PROFILES[config.profile]
+    base = profile.get(config.task, profile["ptb"] if config.task == "text" else None)
+    if base is None:
+        raise RunError(f"unknown task {config.task!r}")
+    return base
 
 
 def _check_bound(name: str, value: Any, bound: tuple[str, float, str] | None) -> None:

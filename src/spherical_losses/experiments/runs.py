@@ -40,8 +40,11 @@ _IDENTITY = (
     "vocab_size",
     "dtype",
     "settings",
+    "resolved_loss_options",
     "world_size",
 )
+# (not in the config.json of runs made before tuned settings existed: not compared there)
+_ADDED_LATER = ("resolved_loss_options",)
 
 
 def run_dir(config: RunConfig) -> Path:
@@ -53,7 +56,14 @@ def run_dir(config: RunConfig) -> Path:
 
 def run_record(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
     """What ``config.json`` holds: the configuration, its resolved settings, the processes."""
-    return {**config.record(), "settings": asdict(config.settings()), "world_size": world_size}
+    resolved = config.resolve()
+    return {
+        **config.record(),
+        "settings": asdict(resolved.settings),
+        "resolved_loss_options": resolved.loss_options,
+        "sources": resolved.sources,
+        "world_size": world_size,
+    }
 
 
 def check_same_run(folder: Path, record: dict[str, Any]) -> None:
@@ -70,6 +80,8 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     now = json.loads(json.dumps(record))  # (as JSON has it: lists for tuples, ...)
     differences = []
     for key in _IDENTITY:
+        if key in _ADDED_LATER and key not in saved:
+            continue
         old, new = saved.get(key), now.get(key)
         if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
             differences += [

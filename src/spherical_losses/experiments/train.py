@@ -25,7 +25,7 @@ from torch import nn
 from .. import family
 from ..factored import NonFiniteUpdateError
 from .heads import HEADS, Net, OutputHead
-from .options import RunConfig, RunError
+from .options import Resolved, RunConfig, RunError
 from .runs import RunFolder, run_dir, run_record
 from .tasks import Settings, Task, make_task
 
@@ -51,7 +51,8 @@ def train(
     ``task``: the task's data already loaded (default: loaded from ``config``); ``on_epoch``:
     called with each finished epoch's metrics (``tune`` prunes a trial there by raising).
     """
-    settings = config.settings()
+    resolved = config.resolve()
+    settings = resolved.settings
     rank, world = _distributed()
     run = RunFolder(run_dir(config), run_record(config, world))
     finished = run.claim(config.resume)
@@ -60,7 +61,7 @@ def train(
     device = _device(config.device)
     if task is None:
         task = load_task(config)
-    parts = build(config, task, settings, device, world)
+    parts = build(config, task, resolved, device, world)
     history: list[dict[str, Any]] = []
     if config.resume and run.checkpoint.exists():
         history = restore(run, parts, config, device)
@@ -98,7 +99,7 @@ def train(
         if on_epoch is not None:
             on_epoch(row)
 
-    final = final_record(config, settings, history, diverged, world)
+    final = final_record(config, resolved, history, diverged, world)
     if rank == 0:
         run.write_final(final)
     return final
@@ -144,12 +145,13 @@ def load_task(config: RunConfig) -> Task:
 
 
 def build(
-    config: RunConfig, task: Task, settings: Settings, device: torch.device, world: int = 1
+    config: RunConfig, task: Task, resolved: Resolved, device: torch.device, world: int = 1
 ) -> Parts:
     """The network, its head and optimizers, from the seed: the body, then the output
     layer's dense initialization (so that every head starts from one weight)."""
+    settings = resolved.settings
     dtype = _DTYPES[config.dtype]
-    head = HEADS[config.output](family.get_member(config.loss, **config.loss_options))
+    head = HEADS[config.output](family.get_member(config.loss, **resolved.loss_options))
     head.check(config, settings)
     torch.manual_seed(config.seed)
     body = task.build_body(settings)
@@ -326,7 +328,7 @@ def evaluate(
 
 def final_record(
     config: RunConfig,
-    settings: Settings,
+    resolved: Resolved,
     history: list[dict[str, Any]],
     diverged: int | None,
     world: int,
@@ -337,10 +339,13 @@ def final_record(
         "loss": config.loss,
         "loss_options": config.loss_options,
         "loss_spec": config.loss_spec(),
+        "resolved_loss_options": resolved.loss_options,
+        "lr": resolved.settings.lr,
+        "tuned": any(v.startswith("tuned") for v in resolved.sources.values()),
         "output": config.output,
         "seed": config.seed,
         "profile": config.profile,
-        "epochs": settings.epochs,
+        "epochs": resolved.settings.epochs,
         "world_size": world,
         "epochs_run": len(history),
         "diverged_at_epoch": diverged,

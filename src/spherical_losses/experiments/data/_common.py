@@ -157,12 +157,19 @@ def _find(folder: Path, name: str, compressed: bool) -> Path | None:
     return None
 
 
-def _locate(task: str, root: Path) -> list[Path]:
-    """Return the files of the first complete layout of ``task``, in ``names`` order."""
+#: How many of a layout's ``names`` (the last ones) hold the test split.
+_TEST_FILES = {"mnist": 2, "cifar10": 1, "cifar100": 1, "ptb": 1}
+
+
+def _locate(task: str, root: Path, with_test: bool = True) -> list[Path]:
+    """Return the files of the first complete layout of ``task``, in ``names`` order
+    (without the test split's files, which are then neither needed nor opened, if not
+    ``with_test``)."""
     _, compressed, layouts = _LAYOUTS[task]
     for layout in layouts:
         folder = root / task / layout.subdir
-        paths = [_find(folder, name, compressed) for name in layout.names]
+        names = layout.names if with_test else layout.names[: -_TEST_FILES[task]]
+        paths = [_find(folder, name, compressed) for name in names]
         if all(path is not None for path in paths):
             return [path for path in paths if path is not None]
     raise _missing_error(task, root)

@@ -174,15 +174,15 @@ def read_cifar10_batch(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_cifar(
-    task: str, root: PathLike | None, parse: Callable[[bytes, Path, bool], Any]
+    task: str, root: PathLike | None, parse: Callable[[bytes, Path, bool], Any], with_test: bool
 ) -> dict[str, torch.Tensor]:
-    paths = _locate(task, resolve_data_dir(root))
+    paths = _locate(task, resolve_data_dir(root), with_test)
     binary = _is_binary_name(paths[0])
     parts = [parse(buf, path, binary) for buf, path in zip(_read_all(paths), paths, strict=True)]
     # After every file has parsed, so that a corrupt file is reported as such. A binary file
     # cut after a whole record parses, so another count there is an error; a pickle cannot be
     # cut silently, so another count there is another dataset, loaded with a warning.
-    for (_, labels), path, expected in zip(parts, paths, _OFFICIAL_COUNTS[task], strict=True):
+    for (_, labels), path, expected in zip(parts, paths, _OFFICIAL_COUNTS[task], strict=False):
         if len(labels) == expected:
             continue
         name = _LAYOUTS[task][0]
@@ -197,12 +197,15 @@ def _load_cifar(
             UserWarning,
             stacklevel=3,
         )
+    if not with_test:
+        train_x, train_y = _to_tensors(parts)
+        return {"train_x": train_x, "train_y": train_y}
     train_x, train_y = _to_tensors(parts[:-1])
     test_x, test_y = _to_tensors(parts[-1:])
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
-def load_cifar10(root: PathLike | None = None) -> dict[str, torch.Tensor]:
+def load_cifar10(root: PathLike | None = None, with_test: bool = True) -> dict[str, torch.Tensor]:
     """Load CIFAR-10 from ``<root>/cifar10``.
 
     The binary version (``cifar-10-batches-bin/``) is read when all its files are
@@ -212,6 +215,9 @@ def load_cifar10(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     ----------
     root : str or os.PathLike, optional
         Data directory, resolved with :func:`resolve_data_dir`.
+    with_test : bool
+        Whether to read the test split; without it, its file is neither needed nor opened
+        and the dict has no ``test_*``.
 
     Returns
     -------
@@ -237,10 +243,10 @@ def load_cifar10(root: PathLike | None = None) -> dict[str, torch.Tensor]:
             return _parse_cifar_binary(buf, path, (10,))
         return _parse_cifar_pickle(buf, path, "labels", 10)
 
-    return _load_cifar("cifar10", root, parse)
+    return _load_cifar("cifar10", root, parse, with_test)
 
 
-def load_cifar100(root: PathLike | None = None) -> dict[str, torch.Tensor]:
+def load_cifar100(root: PathLike | None = None, with_test: bool = True) -> dict[str, torch.Tensor]:
     """Load CIFAR-100 with its fine labels from ``<root>/cifar100``.
 
     The python version (``cifar-100-python/``) is read when both its files are
@@ -251,6 +257,9 @@ def load_cifar100(root: PathLike | None = None) -> dict[str, torch.Tensor]:
     ----------
     root : str or os.PathLike, optional
         Data directory, resolved with :func:`resolve_data_dir`.
+    with_test : bool
+        Whether to read the test split; without it, its file is neither needed nor opened
+        and the dict has no ``test_*``.
 
     Returns
     -------
@@ -276,4 +285,4 @@ def load_cifar100(root: PathLike | None = None) -> dict[str, torch.Tensor]:
             return _parse_cifar_binary(buf, path, (20, 100))
         return _parse_cifar_pickle(buf, path, "fine_labels", 100)
 
-    return _load_cifar("cifar100", root, parse)
+    return _load_cifar("cifar100", root, parse, with_test)

@@ -48,19 +48,22 @@ def _parse_idx(buf: bytes, path: Path, magic: int, ndim: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_mnist(root: PathLike | None = None) -> dict[str, torch.Tensor]:
+def load_mnist(root: PathLike | None = None, with_test: bool = True) -> dict[str, torch.Tensor]:
     """Load MNIST from the IDX files in ``<root>/mnist``.
 
     Parameters
     ----------
     root : str or os.PathLike, optional
         Data directory, resolved with :func:`resolve_data_dir`.
+    with_test : bool
+        Whether to read the test split; without it, its files are neither needed nor opened
+        (tuning selects settings on data that the final score never sees).
 
     Returns
     -------
     dict of str to torch.Tensor
         ``train_x`` and ``test_x`` (uint8, N×1×28×28), ``train_y`` and ``test_y``
-        (int64, N).
+        (int64, N); no ``test_*`` without ``with_test``.
 
     Raises
     ------
@@ -75,10 +78,11 @@ def load_mnist(root: PathLike | None = None) -> dict[str, torch.Tensor]:
         If the files of a split are consistent but hold another number of items than the
         official 60,000 (train) or 10,000 (test): the data is not the official MNIST.
     """
-    paths = _locate("mnist", resolve_data_dir(root))
+    paths = _locate("mnist", resolve_data_dir(root), with_test)
     buffers = _read_all(paths)
     out: dict[str, torch.Tensor] = {}
-    for split, i in (("train", 0), ("test", 2)):
+    splits = (("train", 0), ("test", 2))[: len(paths) // 2]
+    for split, i in splits:
         images = _parse_idx(buffers[i], paths[i], _IDX_IMAGES_MAGIC, 3)
         labels = _parse_idx(buffers[i + 1], paths[i + 1], _IDX_LABELS_MAGIC, 1)
         if images.shape[1:] != (28, 28):
@@ -95,10 +99,7 @@ def load_mnist(root: PathLike | None = None) -> dict[str, torch.Tensor]:
         out[f"{split}_x"] = torch.from_numpy(images.reshape(-1, 1, 28, 28).copy())
         out[f"{split}_y"] = torch.from_numpy(labels.astype(np.int64))
     # After both splits have parsed, so that a corrupt file is reported without a warning.
-    for split, i, expected in (
-        ("train", 0, _OFFICIAL_COUNTS["mnist"][0]),
-        ("test", 2, _OFFICIAL_COUNTS["mnist"][1]),
-    ):
+    for (split, i), expected in zip(splits, _OFFICIAL_COUNTS["mnist"], strict=False):
         found = len(out[f"{split}_y"])
         if found != expected:
             warnings.warn(

@@ -36,14 +36,15 @@ class Corpus:
     index : dict of str to int
         Inverse of ``vocab``.
     train, valid, test : torch.Tensor
-        1-D int64 token-id streams with an ``<eos>`` after each line.
+        1-D int64 token-id streams with an ``<eos>`` after each line (``test`` is ``None``
+        when the corpus was loaded without its test split).
     """
 
     vocab: list[str]
     index: dict[str, int]
     train: torch.Tensor
     valid: torch.Tensor
-    test: torch.Tensor
+    test: torch.Tensor | None
 
 
 def _read_lines(path: Path) -> list[list[str]]:
@@ -76,6 +77,7 @@ def load_text_corpus(
     folder: PathLike,
     names: Sequence[str] = ("train.txt", "valid.txt", "test.txt"),
     vocab_size: int | None = None,
+    with_test: bool = True,
 ) -> Corpus:
     """Load a word-level language-modelling corpus from three UTF-8 text files.
 
@@ -96,6 +98,10 @@ def load_text_corpus(
         Largest vocabulary size, ``<eos>`` and ``<unk>`` included. When the corpus
         needs more, ``<eos>``, ``<unk>`` and the ``vocab_size - 2`` most frequent other
         words are kept, in the order above, and every other word maps to ``<unk>``.
+    with_test : bool
+        Whether to read the test file; without it, the file is neither needed nor opened,
+        and ``Corpus.test`` is ``None`` (the vocabulary may then lack an ``<unk>`` that
+        only test words would have needed).
 
     Returns
     -------
@@ -112,24 +118,27 @@ def load_text_corpus(
         raise ValueError(f"names must hold three file names (train, valid, test), got {names!r}")
     if vocab_size is not None and vocab_size < 2:
         raise ValueError(f"vocab_size must be at least 2 (<eos> and <unk>), got {vocab_size}")
-    paths = [Path(folder) / name for name in names]
+    paths = [Path(folder) / name for name in names[: 3 if with_test else 2]]
     if not all(path.is_file() for path in paths):
         raise DataError(
             "Text corpus not found. Put these plain-text files in place:\n"
             + "\n".join(f"    {path}" for path in paths)
         )
-    train, valid, test = (_read_lines(path) for path in paths)
-    vocab = _build_vocab(train, (valid, test), vocab_size)
+    train, *others = (_read_lines(path) for path in paths)
+    vocab = _build_vocab(train, others, vocab_size)
     index = {word: i for i, word in enumerate(vocab)}
     unk = index.get(UNK, -1)  # only looked up for unknown words, when <unk> is in vocab
 
     def encode(lines: list[list[str]]) -> torch.Tensor:
         return torch.tensor([index.get(w, unk) for line in lines for w in line], dtype=torch.int64)
 
-    return Corpus(vocab, index, encode(train), encode(valid), encode(test))
+    test = encode(others[1]) if with_test else None
+    return Corpus(vocab, index, encode(train), encode(others[0]), test)
 
 
-def load_ptb(root: PathLike | None = None, vocab_size: int | None = None) -> Corpus:
+def load_ptb(
+    root: PathLike | None = None, vocab_size: int | None = None, with_test: bool = True
+) -> Corpus:
     """Load the Penn Treebank language-modelling corpus (Mikolov's version).
 
     Parameters
@@ -137,7 +146,7 @@ def load_ptb(root: PathLike | None = None, vocab_size: int | None = None) -> Cor
     root : str or os.PathLike, optional
         Data directory, resolved with :func:`resolve_data_dir`; the files are
         ``<root>/ptb/ptb.train.txt``, ``ptb.valid.txt`` and ``ptb.test.txt``.
-    vocab_size : int, optional
+    vocab_size, with_test
         See :func:`load_text_corpus`.
 
     Returns
@@ -156,12 +165,12 @@ def load_ptb(root: PathLike | None = None, vocab_size: int | None = None) -> Cor
         For each file whose token count is not that of Mikolov's official file (a truncated
         or edited copy, or another version of PTB); the file is still loaded.
     """
-    paths = _locate("ptb", resolve_data_dir(root))
-    corpus = load_text_corpus(paths[0].parent, _PTB_FILES, vocab_size)
+    paths = _locate("ptb", resolve_data_dir(root), with_test)
+    corpus = load_text_corpus(paths[0].parent, _PTB_FILES, vocab_size, with_test)
     # After parsing, so that a corrupt file is reported without a warning; counted in tokens
     # (not bytes), so that a copy with other line endings is the same corpus.
-    found = (len(corpus.train), len(corpus.valid), len(corpus.test))
-    for path, count, expected in zip(paths, found, _OFFICIAL_COUNTS["ptb"], strict=True):
+    found = [len(split) for split in (corpus.train, corpus.valid, corpus.test) if split is not None]
+    for path, count, expected in zip(paths, found, _OFFICIAL_COUNTS["ptb"], strict=False):
         if count != expected:
             warnings.warn(
                 f"{path} is not the official Mikolov PTB file: {count:,} tokens (<eos> "
