@@ -1149,3 +1149,54 @@ def test_real_ptb() -> None:
     assert corpus.valid.numel() == 73_760
     assert corpus.test.numel() == 82_430
     assert int((corpus.train == corpus.index["<eos>"]).sum()) == 42_068
+
+
+# ----------------------------------------------------------------------------- no test split
+# (what tune reads: the test files are then neither needed nor opened, so they are deleted here)
+
+
+@pytest.mark.usefixtures("fixture_counts")
+def test_load_mnist_without_the_test_split(tmp_path: Path) -> None:
+    arrays = make_mnist(tmp_path, ".gz")
+    for name in MNIST_NAMES[2:]:
+        (tmp_path / "mnist" / f"{name}.gz").unlink()
+    with no_warnings():
+        out = data.load_mnist(tmp_path, with_test=False)
+    assert set(out) == {"train_x", "train_y"}
+    np.testing.assert_array_equal(out["train_y"].numpy(), arrays["train_y"])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte"):
+        data.load_mnist(tmp_path)
+
+
+@pytest.mark.usefixtures("fixture_counts")
+@pytest.mark.parametrize("version", ["bin", "py"])
+def test_load_cifar_without_the_test_split(tmp_path: Path, version: str) -> None:
+    batches = make_cifar10(tmp_path, version)
+    binary = version == "bin"
+    folder = tmp_path / "cifar10" / ("cifar-10-batches-bin" if binary else "cifar-10-batches-py")
+    (folder / ("test_batch.bin" if binary else "test_batch")).unlink()
+    with no_warnings():
+        out = data.load_cifar10(tmp_path, with_test=False)
+    assert set(out) == {"train_x", "train_y"}
+    assert_cifar_equal(out, batches[:5])
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_cifar10(tmp_path)
+    make_cifar100(tmp_path, version)
+    folder = tmp_path / "cifar100" / ("cifar-100-binary" if binary else "cifar-100-python")
+    (folder / ("test.bin" if binary else "test")).unlink()
+    assert set(data.load_cifar100(tmp_path, with_test=False)) == {"train_x", "train_y"}
+
+
+@pytest.mark.usefixtures("fixture_ptb")
+def test_load_ptb_without_the_test_split(tmp_path: Path) -> None:
+    folder = make_ptb(tmp_path)
+    full = data.load_ptb(tmp_path)
+    (folder / "ptb.test.txt").unlink()
+    with no_warnings():
+        corpus = data.load_ptb(tmp_path, with_test=False)
+    assert corpus.test is None
+    assert torch.equal(corpus.train, full.train) and torch.equal(corpus.valid, full.valid)
+    # (TEST has no word outside TRAIN's, VALID has: the vocabulary is the same)
+    assert corpus.vocab == full.vocab
+    with pytest.raises(data.DataError, match=r"ptb\.test\.txt"):
+        data.load_ptb(tmp_path)

@@ -88,7 +88,10 @@ class RunConfig:
     batch_size: int | None = _option(
         None, type=int, bound=(">=", 1, ""), setting=True, help="the global batch size"
     )
-    lr: float | None = _option(None, type=float, bound=(">", 0, ""), setting=True)
+    lr: float | None = _option(
+        None, type=float, bound=(">", 0, ""), setting=True,
+        help="learning rate (default: the tuned one, else the profile's; tune: fixed, unsearched)",
+    )  # fmt: skip
     head_lr: float | None = _option(
         None, type=float, bound=(">", 0, ""), help="learning rate of the factored output layer"
     )
@@ -110,7 +113,9 @@ class RunConfig:
     )  # fmt: skip
     dtype: str = _option("float32", choices=lambda: ("float32", "float64"))
     tuned_dir: str | None = _option(
-        None, help="where tuned settings are read (default: the package's tuned/ folder)"
+        None,
+        help="the folder of tuned settings, which tune writes and train and compare read "
+        "(default: the package's tuned/ folder)",
     )
     ignore_tuned: bool = _option(
         False, kind="switch", commands=("train", "compare"),

@@ -255,17 +255,13 @@ def load_cifar100(root: PathLike | None = None, with_test: bool = True) -> dict[
 
     Parameters
     ----------
-    root : str or os.PathLike, optional
-        Data directory, resolved with :func:`resolve_data_dir`.
-    with_test : bool
-        Whether to read the test split; without it, its file is neither needed nor opened
-        and the dict has no ``test_*``.
+    root, with_test
+        As for :func:`load_cifar10`.
 
     Returns
     -------
     dict of str to torch.Tensor
-        ``train_x`` and ``test_x`` (uint8, N×3×32×32), ``train_y`` and ``test_y``
-        (int64 fine labels, 0–99).
+        As :func:`load_cifar10`'s, with fine labels (int64, 0–99).
 
     Raises
     ------
