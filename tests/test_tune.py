@@ -155,6 +155,10 @@ def test_a_killed_tune_resumes_the_same_study(train_only: Path, tmp_path: Path) 
     kept = {t.number: t.params for t in done}
     assert all(kept[t.number] == t.params for t in first)
     assert f"{3 - len(first)} of 3 trials" in result.stdout
+    # more trials of the same study under other settings are refused
+    other = run_cli(*args, "--model-opt", "dropout=0")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "holds trials made with other settings (settings: " in other.stderr
 
 
 @pytest.mark.parametrize(

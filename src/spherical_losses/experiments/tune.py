@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from .options import RunConfig, RunError, profile_settings
 from .report import write_tuning_report
-from .tasks import Task, make_task
+from .tasks import Settings, Task, make_task
 from .tuned import entry_key, write_entry
 
 __all__ = ["MEMBER_SPACES", "search_space", "tune"]
@@ -121,6 +122,8 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
 
     if trials < 1:
         raise RunError(f"--trials must be >= 1, got {trials}")
+    # The search starts from the profile, whatever a tuned file holds.
+    config = replace(config, ignore_tuned=True)
     settings = config.settings()  # (checks every option)
     key = entry_key(config.loss, config.output)
     folder = Path(config.out) / "tune" / f"{config.task}-{config.profile}"
@@ -139,6 +142,7 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
         direction="minimize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0),
     )
+    _check_same_study(study, config, settings)
     # Seeded by what the study holds, so that a resumed tune draws new settings.
     seed = config.seed * 1_000_003 + len(study.get_trials(deepcopy=False))
     study.sampler = optuna.samplers.TPESampler(seed=seed)
@@ -166,6 +170,32 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
     if entry.get("lr") is not None:
         write_entry(config.task, config.profile, key, entry, config.tuned_dir)
     return entry
+
+
+def _check_same_study(study: Any, config: RunConfig, settings: Settings) -> None:
+    """Records what the study's trials share (all but what is searched and the budget), or
+    refuses to add trials of other settings to a study that holds some."""
+    fixed = {k: v for k, v in asdict(settings).items() if k != "lr" or config.lr is not None}
+    what = json.loads(json.dumps({
+        "settings": fixed, "loss_options": config.loss_options, "output": config.output,
+        "head_lr": config.head_lr, "vocab_size": config.vocab_size, "dtype": config.dtype,
+        "seed": config.seed,
+    }))  # fmt: skip
+    saved = study.user_attrs.get("run")
+    if saved is None:
+        study.set_user_attr("run", what)
+        return
+    differences = [
+        f"{key}: {saved.get(key)!r} there, {what[key]!r} now"
+        for key in what
+        if saved.get(key) != what[key]
+    ]
+    if differences:
+        raise RunError(
+            f"the study {study.study_name!r} holds trials made with other settings "
+            f"({'; '.join(differences)}); give the same settings to continue it, or another "
+            "--out or --storage"
+        )
 
 
 def _objective(
