@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from spherical_losses.experiments.options import RunConfig
 from spherical_losses.experiments.report import write_report
 from spherical_losses.experiments.tasks import LanguageModel, Settings
 from spherical_losses.experiments.train import evaluate, perplexity, train
+from spherical_losses.experiments.tuned import TUNED_DIR_ENV_VAR
 from spherical_losses.family import get_member
 
 # The MNIST look-alike files below are small, so the loader warns that they are not the
@@ -32,7 +34,17 @@ from spherical_losses.family import get_member
 pytestmark = pytest.mark.filterwarnings("ignore:.*are not the official MNIST:UserWarning")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# No tuned settings (a folder that does not exist): the runs here use the profiles' values,
+# whatever tuned files the package ships.
+NO_TUNED = str(Path(tempfile.gettempdir()) / "spherical-losses-tests-no-tuned-settings")
+ENV = {
+    **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", TUNED_DIR_ENV_VAR: NO_TUNED,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_tuned_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TUNED_DIR_ENV_VAR, NO_TUNED)
 
 
 def _idx(magic: int, array: np.ndarray) -> bytes:

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_experiments import ENV, MNIST_FAST, make_mnist, run_cli
+from test_experiments import (  # (and its autouse fixture: no shipped tuned settings)
+    ENV,
+    MNIST_FAST,
+    make_mnist,
+    no_tuned_settings,  # noqa: F401
+    run_cli,
+)
 
 from spherical_losses.experiments import cli
 from spherical_losses.experiments import tune as tune_module

@@ -94,7 +94,7 @@ def _metric(task: Task, config: RunConfig) -> str:
     return metric
 
 
-def _storage(url: str | None, folder: Path) -> tuple[Any, str]:
+def _storage(url: str | None, folder: Path) -> Any:
     import optuna
 
     if url is None:
@@ -112,7 +112,14 @@ def _storage(url: str | None, folder: Path) -> tuple[Any, str]:
             f"--storage {url!r}: cannot open it ({type(error).__name__}: {error}); expected a "
             "database URL such as sqlite:///path/to/study.db or postgresql://host/db"
         ) from None
-    return storage, url
+    return storage
+
+
+def _without_password(url: str) -> str:
+    """The URL as the tuned file and the screen may show it (the file is committed)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str, Any]:
@@ -133,7 +140,8 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
     space = search_space(config, task.num_classes)
     metric = _metric(task, config)
     study_name = f"{config.task}-{config.profile}-{key}"
-    db, url = _storage(storage, folder)
+    db = _storage(storage, folder)
+    shown_url = _without_password(storage or f"sqlite:///{folder / 'study.db'}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name,
@@ -151,7 +159,7 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
     if not config.quiet:
         print(
             f"tune {study_name}: {remaining} of {trials} trials × {settings.epochs} epochs to "
-            f"run, on {metric} (study {study_name!r} in {url})",
+            f"run, on {metric} (study {study_name!r} in {shown_url})",
             flush=True,
         )
     if remaining > 0:
@@ -164,7 +172,7 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
                 lambda study, trial: _say(study, trial, metric, config.quiet),
             ],
         )
-    entry = select(study, metric, trials, settings.epochs, url)
+    entry = select(study, metric, trials, settings.epochs, shown_url)
     _write_trials(study, folder / f"trials-{key}.csv", metric, settings.epochs)
     write_tuning_report(folder)
     if entry.get("lr") is not None:

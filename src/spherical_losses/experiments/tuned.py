@@ -18,14 +18,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TUNED_DIR", "entry_key", "read_entry", "tuned_path", "write_entry"]
+__all__ = ["TUNED_DIR", "TUNED_DIR_ENV_VAR", "entry_key", "read_entry", "tuned_path", "write_entry"]
 
 #: Where the tuned settings shipped with the package live.
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
+#: Environment variable naming another folder of tuned settings when ``--tuned-dir`` is not
+#: given (the tests point it at an empty folder, so that shipped settings do not move them).
+TUNED_DIR_ENV_VAR = "SPHERICAL_LOSSES_TUNED_DIR"
+
 
 def tuned_path(task: str, profile: str, tuned_dir: str | os.PathLike[str] | None = None) -> Path:
-    return Path(tuned_dir if tuned_dir is not None else TUNED_DIR) / f"{task}-{profile}.json"
+    """``<tuned_dir>/<task>-<profile>.json``; by default in ``$SPHERICAL_LOSSES_TUNED_DIR``,
+    else in :data:`TUNED_DIR`."""
+    folder = tuned_dir if tuned_dir is not None else os.environ.get(TUNED_DIR_ENV_VAR) or TUNED_DIR
+    return Path(folder) / f"{task}-{profile}.json"
 
 
 def entry_key(loss: str, output: str = "dense") -> str:
