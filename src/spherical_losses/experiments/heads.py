@@ -48,7 +48,8 @@ class OutputHead:
         self.member = member
 
     def check(self, config: RunConfig, settings: Settings) -> None:
-        """Raises :class:`RunError` when this head cannot train the run ``config``."""
+        """Raises :class:`RunError` when this head cannot train the run ``config`` (called by
+        :meth:`RunConfig.resolve`, with the other checks of a run's options)."""
 
     def attach(
         self, linear: nn.Linear, device: torch.device, dtype: torch.dtype

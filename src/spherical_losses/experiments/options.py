@@ -60,6 +60,14 @@ def _heads() -> Sequence[str]:
     return tuple(HEADS)
 
 
+def _head(name: str) -> Any:
+    from .heads import HEADS
+
+    if name not in HEADS:
+        raise RunError(f"--output must be one of {', '.join(map(repr, HEADS))}, got {name!r}")
+    return HEADS[name]
+
+
 @dataclass
 class RunConfig:
     """What one run is: the task, the loss, the seed, and overrides of the profile.
@@ -164,8 +172,9 @@ class RunConfig:
                     loss_options[key] = value
                     sources[f"loss_options.{key}"] = where
         sources.update({f"loss_options.{k}": "command line" for k in self.loss_options})
-        family.get_member(self.loss, **loss_options)  # a bad loss or option fails here
+        member = family.get_member(self.loss, **loss_options)  # a bad loss or option fails here
         settings = base.replace(**changes)
+        _head(self.output)(member).check(self, settings)
         for name in asdict(settings):
             sources.setdefault(name, f"profile {self.profile}")
         return Resolved(settings, loss_options, dict(sorted(sources.items())))

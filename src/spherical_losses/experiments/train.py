@@ -152,7 +152,6 @@ def build(
     settings = resolved.settings
     dtype = _DTYPES[config.dtype]
     head = HEADS[config.output](family.get_member(config.loss, **resolved.loss_options))
-    head.check(config, settings)
     torch.manual_seed(config.seed)
     body = task.build_body(settings)
     linear = nn.Linear(body.features, task.num_classes)
