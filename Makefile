@@ -18,7 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The MNIST comparison with the cpu profile, one seed per loss; prints the table.
+# The MNIST comparison with the cpu profile, one seed per loss; prints the table. Each loss
+# runs at its tuned settings (src/spherical_losses/experiments/tuned/mnist-cpu.json) where a
+# tune saved them, else at the profile's (each run's config.json says which).
 mnist: $(VENV)/.installed
 	$(VENV)/bin/spherical-losses compare --task mnist --profile cpu \
 		--losses log_softmax,taylor,spherical,z_loss --seeds 1 --out runs

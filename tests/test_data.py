@@ -50,13 +50,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str, dest: Path) -> None:
         raise AssertionError(f"test tried to fetch {url}")
 
-    monkeypatch.setattr(data, "_fetch", refuse)
+    monkeypatch.setattr(data.downloads, "_fetch", refuse)
 
 
 @pytest.fixture
 def fixture_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hold the loaders to the record counts of the small fixture files."""
-    monkeypatch.setattr(data, "_OFFICIAL_COUNTS", FIXTURE_COUNTS)
+    # (the loaders of data/ share one dict: its entries are replaced, not the dict)
+    for task, counts in FIXTURE_COUNTS.items():
+        monkeypatch.setitem(data._OFFICIAL_COUNTS, task, counts)
 
 
 @contextlib.contextmanager
@@ -744,8 +746,7 @@ def tokens(text: str) -> int:
 @pytest.fixture
 def fixture_ptb(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the fixture texts TRAIN, VALID and TEST the official PTB files (their counts)."""
-    counts = {**data._OFFICIAL_COUNTS, "ptb": (tokens(TRAIN), tokens(VALID), tokens(TEST))}
-    monkeypatch.setattr(data, "_OFFICIAL_COUNTS", counts)
+    monkeypatch.setitem(data._OFFICIAL_COUNTS, "ptb", (tokens(TRAIN), tokens(VALID), tokens(TEST)))
 
 
 @pytest.mark.usefixtures("fixture_ptb")
@@ -900,7 +901,7 @@ def test_bptt_batches_shapes_and_shift() -> None:
 
 
 def serve(files: dict[str, bytes], log: list[str] | None = None) -> Callable[[str, Path], None]:
-    """A stand-in for ``data._fetch`` that serves ``files`` by URL."""
+    """A stand-in for ``data.downloads._fetch`` that serves ``files`` by URL."""
 
     def fetch(url: str, dest: Path) -> None:
         if log is not None:
@@ -933,7 +934,7 @@ def test_download_verifies_and_places_files(
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": t for n, t in PTB_TEXTS.items()}
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     folder = data.download("ptb", tmp_path)
     assert folder == tmp_path / "ptb"
     assert sorted(p.name for p in folder.iterdir()) == sorted(PTB_TEXTS)
@@ -950,7 +951,7 @@ def test_download_keeps_existing_files(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": t for n, t in PTB_TEXTS.items()}
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.train.txt").write_bytes(PTB_TEXTS["ptb.train.txt"])
     data.download("ptb", tmp_path)
@@ -962,7 +963,7 @@ def test_download_checksum_mismatch_leaves_nothing(
 ) -> None:
     monkeypatch.setitem(data._SOURCES, "ptb", ptb_resources(PTB_TEXTS))
     files = {f"https://example.test/{n}": b"tampered " + t for n, t in PTB_TEXTS.items()}
-    monkeypatch.setattr(data, "_fetch", serve(files))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files))
     with pytest.raises(data.DataError, match=r"Checksum mismatch for ptb\.train\.txt") as info:
         data.download("ptb", tmp_path)
     assert str(tmp_path / "ptb" / "ptb.train.txt") in str(info.value)
@@ -976,7 +977,7 @@ def test_download_offline_says_what_to_place(
         dest.write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(data.downloads, "_fetch", offline)
     with pytest.raises(data.DataError) as info:
         data.download("ptb", tmp_path)
     message = str(info.value)
@@ -1003,7 +1004,7 @@ def test_download_tries_mirrors_and_checks_gunzipped_content(
         files[urls[1]] = gzip.compress(gzip.decompress(gz), mtime=123)  # other gzip header
     monkeypatch.setitem(data._SOURCES, "mnist", tuple(resources))
     log: list[str] = []
-    monkeypatch.setattr(data, "_fetch", serve(files, log))
+    monkeypatch.setattr(data.downloads, "_fetch", serve(files, log))
     data.download("mnist", tmp_path / "root")
     assert len(log) == 8
     out = data.load_mnist(tmp_path / "root")
@@ -1028,7 +1029,7 @@ def use_tarball(monkeypatch: pytest.MonkeyPatch, task: str, payload: bytes) -> N
         f"{task}.tar.gz", (url,), f"md5:{hashlib.md5(payload).hexdigest()}", extract=True
     )
     monkeypatch.setitem(data._SOURCES, task, (resource,))
-    monkeypatch.setattr(data, "_fetch", serve({url: payload}))
+    monkeypatch.setattr(data.downloads, "_fetch", serve({url: payload}))
 
 
 @pytest.mark.usefixtures("fixture_counts")
@@ -1093,7 +1094,7 @@ def test_download_constants_match_real_files(
     def copy(url: str, dest: Path) -> None:
         shutil.copyfile(by_name[url.rpartition("/")[2]], dest)
 
-    monkeypatch.setattr(data, "_fetch", copy)
+    monkeypatch.setattr(data.downloads, "_fetch", copy)
     data.download("ptb", tmp_path)
     data.download("mnist", tmp_path)
     with no_warnings():
@@ -1148,3 +1149,54 @@ def test_real_ptb() -> None:
     assert corpus.valid.numel() == 73_760
     assert corpus.test.numel() == 82_430
     assert int((corpus.train == corpus.index["<eos>"]).sum()) == 42_068
+
+
+# ----------------------------------------------------------------------------- no test split
+# (what tune reads: the test files are then neither needed nor opened, so they are deleted here)
+
+
+@pytest.mark.usefixtures("fixture_counts")
+def test_load_mnist_without_the_test_split(tmp_path: Path) -> None:
+    arrays = make_mnist(tmp_path, ".gz")
+    for name in MNIST_NAMES[2:]:
+        (tmp_path / "mnist" / f"{name}.gz").unlink()
+    with no_warnings():
+        out = data.load_mnist(tmp_path, with_test=False)
+    assert set(out) == {"train_x", "train_y"}
+    np.testing.assert_array_equal(out["train_y"].numpy(), arrays["train_y"])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte"):
+        data.load_mnist(tmp_path)
+
+
+@pytest.mark.usefixtures("fixture_counts")
+@pytest.mark.parametrize("version", ["bin", "py"])
+def test_load_cifar_without_the_test_split(tmp_path: Path, version: str) -> None:
+    batches = make_cifar10(tmp_path, version)
+    binary = version == "bin"
+    folder = tmp_path / "cifar10" / ("cifar-10-batches-bin" if binary else "cifar-10-batches-py")
+    (folder / ("test_batch.bin" if binary else "test_batch")).unlink()
+    with no_warnings():
+        out = data.load_cifar10(tmp_path, with_test=False)
+    assert set(out) == {"train_x", "train_y"}
+    assert_cifar_equal(out, batches[:5])
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_cifar10(tmp_path)
+    make_cifar100(tmp_path, version)
+    folder = tmp_path / "cifar100" / ("cifar-100-binary" if binary else "cifar-100-python")
+    (folder / ("test.bin" if binary else "test")).unlink()
+    assert set(data.load_cifar100(tmp_path, with_test=False)) == {"train_x", "train_y"}
+
+
+@pytest.mark.usefixtures("fixture_ptb")
+def test_load_ptb_without_the_test_split(tmp_path: Path) -> None:
+    folder = make_ptb(tmp_path)
+    full = data.load_ptb(tmp_path)
+    (folder / "ptb.test.txt").unlink()
+    with no_warnings():
+        corpus = data.load_ptb(tmp_path, with_test=False)
+    assert corpus.test is None
+    assert torch.equal(corpus.train, full.train) and torch.equal(corpus.valid, full.valid)
+    # (TEST has no word outside TRAIN's, VALID has: the vocabulary is the same)
+    assert corpus.vocab == full.vocab
+    with pytest.raises(data.DataError, match=r"ptb\.test\.txt"):
+        data.load_ptb(tmp_path)

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,16 +21,12 @@ import torch
 
 import spherical_losses as sl
 from spherical_losses.experiments import cli
+from spherical_losses.experiments.heads import DenseHead, Net
+from spherical_losses.experiments.options import RunConfig
 from spherical_losses.experiments.report import write_report
 from spherical_losses.experiments.tasks import LanguageModel, Settings
-from spherical_losses.experiments.train import (
-    DenseOutput,
-    Net,
-    RunConfig,
-    evaluate,
-    perplexity,
-    train,
-)
+from spherical_losses.experiments.train import evaluate, perplexity, train
+from spherical_losses.experiments.tuned import TUNED_DIR_ENV_VAR
 from spherical_losses.family import get_member
 
 # The MNIST look-alike files below are small, so the loader warns that they are not the
@@ -37,7 +34,17 @@ from spherical_losses.family import get_member
 pytestmark = pytest.mark.filterwarnings("ignore:.*are not the official MNIST:UserWarning")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# No tuned settings (a folder that does not exist): the runs here use the profiles' values,
+# whatever tuned files the package ships.
+NO_TUNED = str(Path(tempfile.gettempdir()) / "spherical-losses-tests-no-tuned-settings")
+ENV = {
+    **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", TUNED_DIR_ENV_VAR: NO_TUNED,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_tuned_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TUNED_DIR_ENV_VAR, NO_TUNED)
 
 
 def _idx(magic: int, array: np.ndarray) -> bytes:
@@ -234,6 +241,38 @@ def test_unreadable_checkpoint_ends_with_one_message(mnist_dir: Path, tmp_path: 
     assert f"cannot read {folder / 'checkpoint.pt'}" in result.stderr
 
 
+class _Payload:
+    """A pickled object that, when unpickled, creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_tampered_checkpoint_is_refused_without_running_code(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    common = [*MNIST_FAST, "--loss", "taylor", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
+    assert cli.main(["train", *common, "--epochs", "2"]) == 0
+    folder = tmp_path / "mnist/taylor/seed-0"
+    (folder / "final.json").unlink()  # as if interrupted after its last checkpoint
+    # The checkpoint is plain data: it reads with weights_only=True.
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["history"][-1]["note"] = _Payload(marker)
+    torch.save(state, folder / "checkpoint.pt")
+    result = run_cli("train", *common, "--epochs", "2", "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot read {folder / 'checkpoint.pt'}: it holds a pickled object" in result.stderr
+    assert "refused without running it" in result.stderr
+    assert not marker.exists() and not (folder / "final.json").exists()
+    # (the payload is live: an unchecked load would have run it)
+    torch.load(folder / "checkpoint.pt", weights_only=False)
+    assert marker.exists()
+
+
 def test_perplexity_of_a_diverged_model_is_infinite() -> None:
     assert perplexity(2.0) == math.exp(2.0)
     assert perplexity(1e4) == math.inf  # (math.exp raises OverflowError there)
@@ -383,11 +422,11 @@ def test_perplexity_is_exp_of_cross_entropy_and_uses_the_members_probabilities(
     torch.manual_seed(0)
     net = Net(task.build_body(settings), torch.nn.Linear(8, task.num_classes), recurrent=True)
     ce = evaluate(
-        task, net, DenseOutput(get_member("log_softmax")), settings, "test", torch.device("cpu")
+        task, net, DenseHead(get_member("log_softmax")), settings, "test", torch.device("cpu")
     )
     assert math.isclose(ce["test_perplexity"], math.exp(ce["test_loss"]), rel_tol=1e-6)
     taylor = evaluate(
-        task, net, DenseOutput(get_member("taylor")), settings, "test", torch.device("cpu")
+        task, net, DenseHead(get_member("taylor")), settings, "test", torch.device("cpu")
     )
     # Taylor's loss is its own negative log-probability
     assert math.isclose(taylor["test_perplexity"], math.exp(taylor["test_loss"]), rel_tol=1e-6)
@@ -422,8 +461,8 @@ def test_torchrun_two_processes_match_one_process(mnist_dir: Path, tmp_path: Pat
         "--batch-size", "32", "--dtype", "float64", "--data-dir", str(mnist_dir),
     ]  # fmt: skip
     run_one_and_two_processes(args, tmp_path)
-    a = torch.load(tmp_path / "one/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "two/mnist/taylor/seed-0/checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "one/mnist/taylor/seed-0/checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two/mnist/taylor/seed-0/checkpoint.pt", weights_only=True)
     assert (
         json.loads((tmp_path / "two/mnist/taylor/seed-0/final.json").read_text())["world_size"] == 2
     )
@@ -444,8 +483,8 @@ def test_torchrun_factored_output_matches_one_process(text_dir: Path, tmp_path: 
     ]  # fmt: skip
     run_one_and_two_processes(args, tmp_path)
     run = "text/taylor-factored/seed-0"
-    a = torch.load(tmp_path / "one" / run / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "two" / run / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "one" / run / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / run / "checkpoint.pt", weights_only=True)
     for name, value in a["head"].items():
         if isinstance(value, torch.Tensor):  # (not the extra state)
             torch.testing.assert_close(b["head"][name], value, rtol=1e-9, atol=1e-12)
@@ -505,7 +544,7 @@ def test_factored_output_refuses_momentum(mnist_dir: Path, tmp_path: Path) -> No
 def test_predictions_rank_by_the_members_probabilities(loss: str) -> None:
     # A large negative output is the most probable class under Taylor and spherical softmax.
     logits = torch.tensor([[-9.0, 1.0, 2.0], [0.5, -0.2, 0.1]])
-    top = DenseOutput(get_member(loss)).topk(logits, 1)[:, 0]
+    top = DenseHead(get_member(loss)).topk(logits, 1)[:, 0]
     probs = {"taylor": sl.taylor_softmax, "spherical": sl.spherical_softmax}[loss](logits)
     assert torch.equal(top, probs.argmax(dim=1))
     assert top[0] == 0 and logits[0].argmax() == 2

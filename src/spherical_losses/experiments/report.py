@@ -14,7 +14,7 @@ from typing import Any
 from .tasks import PAPER_RESULTS
 from .tasks import headline as _headline
 
-__all__ = ["collect", "write_report"]
+__all__ = ["collect", "write_report", "write_tuning_report"]
 
 
 def collect(results_dir: Path) -> list[dict[str, Any]]:
@@ -219,7 +219,8 @@ def _plots(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]], to: Pa
                 bars.append((task, label, mean, 0.0 if math.isnan(std) else std))
         ax.set_title(f"{task}: {metric.replace('_', ' ')} (mean over seeds)")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric.replace("_", " "))
+        # (on a linear axis one diverged loss at chance flattens all the others)
+        _log_scale(ax, "y", metric)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -242,4 +243,108 @@ def _plots(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]], to: Pa
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(to / "final.png", dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- tuning
+
+
+def write_tuning_report(folder: Path, to: Path | None = None) -> Path:
+    """``tuning.md`` and ``tuning.png`` from the ``trials-<loss>.csv`` files that ``tune``
+    writes in ``folder``: per loss, the trials and the selected setting, and validation metric
+    against learning rate. A loss that diverged at every setting tried is said to have, with
+    its best finite trial. Returns the path of the Markdown table."""
+    folder = Path(folder)
+    to = Path(to) if to is not None else folder
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("trials-*.csv")):
+        with path.open() as f:
+            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        if rows:
+            studies[path.stem.removeprefix("trials-")] = rows
+    if not studies:
+        raise ValueError(f"no tuning trials (trials-<loss>.csv) in {folder}")
+    to.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"### tuning: {folder.name}\n",
+        "| loss | metric | trials | pruned | diverged | best | lr | options | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rows in studies.items():
+        lines.append(_tuning_row(key, rows))
+    lines.append(
+        "\nvalidation split held out from the training set; best: the lowest validation "
+        "metric of a finished trial that did not diverge (pruned trials stopped early at a "
+        "metric worse than the median of earlier trials at that epoch).\n"
+    )
+    md = to / "tuning.md"
+    md.write_text("\n".join(lines))
+    _tuning_plot(studies, to / "tuning.png")
+    return md
+
+
+def _log_scale(ax: Any, axis: str, metric: str) -> None:
+    """A log axis where the plotted values allow one (some positive), labelled so."""
+    values = [v for line in ax.get_lines() for v in getattr(line, f"get_{axis}data")()]
+    positive = any(isinstance(v, float | int) and v > 0 for v in values)
+    if positive:
+        getattr(ax, f"set_{axis}scale")("log")
+    label = metric.replace("_", " ") + (" (log scale)" if positive else "")
+    getattr(ax, f"set_{axis}label")(label)
+
+
+def _finite_value(row: dict[str, Any]) -> bool:
+    return isinstance(row["value"], float) and math.isfinite(row["value"])
+
+
+def _tuning_row(key: str, rows: list[dict[str, Any]]) -> str:
+    complete = [r for r in rows if r["state"] == "complete"]
+    diverged = [r for r in complete if r["diverged"] == "True"]
+    trained = [r for r in complete if r["diverged"] != "True" and _finite_value(r)]
+    finite = [r for r in complete if _finite_value(r)]
+    best = min(trained or finite, key=lambda r: r["value"], default=None)
+    note = ""
+    if not trained:
+        note = "diverged at every setting tried" + (
+            f"; best finite trial: {best['trial']:.0f}" if best is not None else ""
+        )
+    cells = ["—", "—", "—"]
+    if best is not None:
+        cells = [f"{best['value']:.4g}", f"{best['lr']:.3g}", str(best["loss_options"]) or "—"]
+    pruned = sum(r["state"] == "pruned" for r in rows)
+    return (
+        f"| {key} | {rows[0]['metric']} | {len(complete) + pruned} | {pruned} | "
+        f"{len(diverged)} | " + " | ".join(cells) + f" | {note} |"
+    )
+
+
+def _tuning_plot(studies: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, rows in studies.items():
+        done = [r for r in rows if isinstance(r["lr"], float) and _finite_value(r)]
+        ok = [r for r in done if r["diverged"] != "True" and r["state"] == "complete"]
+        (line,) = ax.plot(
+            [r["lr"] for r in ok], [r["value"] for r in ok], "o", label=key, alpha=0.8
+        )
+        # pruned trials (their metric where they stopped) and diverged ones, in the same colour
+        for state, marker in (("pruned", "^"), ("diverged", "x")):
+            mine = [r for r in done if (r["diverged"] == "True") == (state == "diverged")]
+            mine = [r for r in mine if state == "diverged" or r["state"] == "pruned"]
+            ax.plot(
+                [r["lr"] for r in mine], [r["value"] for r in mine], marker,
+                color=line.get_color(), alpha=0.6,
+            )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    _log_scale(ax, "y", str(next(iter(studies.values()))[0]["metric"]))
+    ax.set_title("tuning: validation metric against learning rate (^ pruned, x diverged)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

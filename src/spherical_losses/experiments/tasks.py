@@ -126,7 +126,11 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
 
 
 class Task:
-    """A task: data, a model body (features), the number of classes and the metrics."""
+    """A task: data, a model body (features), the number of classes and the metrics.
+
+    Built with ``holdout=True`` (what ``tune`` does), a task evaluates on a validation split
+    held out from its training data (or the corpus's own), and never loads its test split.
+    """
 
     name: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
@@ -149,6 +153,10 @@ class Task:
     def splits(self) -> tuple[str, ...]:
         return ("test",)
 
+    def metric(self, split: str) -> str:
+        """The metric to minimize on ``split`` (the headline's, e.g. ``valid_error``)."""
+        return self.headline.replace("test_", f"{split}_", 1)
+
 
 def _shard(batch: Tensor, rank: int, world: int) -> Tensor:
     if len(batch) % world:
@@ -163,10 +171,18 @@ class _ImageTask(Task):
     mean: ClassVar[tuple[float, ...]]
     std: ClassVar[tuple[float, ...]]
     augment: ClassVar[bool] = False
+    holdout_size: ClassVar[int]  # the validation split: the last images of the training set
 
-    def __init__(self, arrays: dict[str, Tensor], num_classes: int) -> None:
-        self.train_x, self.train_y = arrays["train_x"], arrays["train_y"]
-        self.test_x, self.test_y = arrays["test_x"], arrays["test_y"]
+    def __init__(self, arrays: dict[str, Tensor], num_classes: int, holdout: bool = False) -> None:
+        train_x, train_y = arrays["train_x"], arrays["train_y"]
+        if holdout:
+            # (a fifth of a training set too small for the official size: test fixtures)
+            n = min(self.holdout_size, len(train_y) // 5)
+            self.eval_sets = {"valid": (train_x[-n:], train_y[-n:])}
+            train_x, train_y = train_x[:-n], train_y[:-n]
+        else:
+            self.eval_sets = {"test": (arrays["test_x"], arrays["test_y"])}
+        self.train_x, self.train_y = train_x, train_y
         self.num_classes = num_classes
         self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std).view(1, -1, 1, 1)
@@ -207,12 +223,18 @@ class _ImageTask(Task):
                 x = self._crop_and_flip(x, g)
             yield _shard(self._normalize(x), rank, world), _shard(self.train_y[idx], rank, world)
 
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.eval_sets)
+
     def eval_batches(self, settings: Settings, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        if split != "test":
-            raise ValueError(f"task {self.name!r} has only a 'test' split, got {split!r}")
+        if split not in self.eval_sets:
+            raise ValueError(
+                f"task {self.name!r} has only a {self.splits()[0]!r} split, got {split!r}"
+            )
+        x, y = self.eval_sets[split]
         step = 1000
-        for i in range(0, len(self.test_y), step):
-            yield self._normalize(self.test_x[i : i + step]), self.test_y[i : i + step]
+        for i in range(0, len(y), step):
+            yield self._normalize(x[i : i + step]), y[i : i + step]
 
 
 class MNIST(_ImageTask):
@@ -220,9 +242,10 @@ class MNIST(_ImageTask):
     model_class = ConvNet
     mean = (0.1307,)
     std = (0.3081,)
+    holdout_size = 10_000
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(data.load_mnist(root), 10)
+    def __init__(self, root: Path, holdout: bool = False) -> None:
+        super().__init__(data.load_mnist(root, with_test=not holdout), 10, holdout)
 
     def build_body(self, settings: Settings) -> nn.Module:
         return ConvNet(**settings.model)
@@ -234,9 +257,10 @@ class CIFAR10(_ImageTask):
     std = (0.2470, 0.2435, 0.2616)
     augment = True
     model_class = ResNet
+    holdout_size = 5_000
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(data.load_cifar10(root), 10)
+    def __init__(self, root: Path, holdout: bool = False) -> None:
+        super().__init__(data.load_cifar10(root, with_test=not holdout), 10, holdout)
 
     def build_body(self, settings: Settings) -> nn.Module:
         return ResNet(**settings.model)
@@ -248,8 +272,9 @@ class CIFAR100(CIFAR10):
     std = (0.2673, 0.2564, 0.2762)
     topk = (1, 5)
 
-    def __init__(self, root: Path) -> None:
-        _ImageTask.__init__(self, data.load_cifar100(root), 100)
+    def __init__(self, root: Path, holdout: bool = False) -> None:
+        arrays = data.load_cifar100(root, with_test=not holdout)
+        _ImageTask.__init__(self, arrays, 100, holdout)
 
 
 class LanguageModel(Task):
@@ -265,12 +290,14 @@ class LanguageModel(Task):
         self.name = name  # type: ignore[misc]
         self.corpus = corpus
         self.num_classes = len(corpus.vocab)
+        # (a corpus loaded without its test split is the tuning's: its own valid split only)
+        self._splits = ("valid", "test") if corpus.test is not None else ("valid",)
 
     def build_body(self, settings: Settings) -> nn.Module:
         return LSTMBody(self.num_classes, **settings.model)
 
     def splits(self) -> tuple[str, ...]:
-        return ("valid", "test")
+        return self._splits
 
     def train_batches(
         self, settings: Settings, epoch: int, seed: int, rank: int = 0, world: int = 1
@@ -283,8 +310,11 @@ class LanguageModel(Task):
         yield from data.bptt_batches(columns, settings.bptt)
 
     def eval_batches(self, settings: Settings, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        if split not in ("valid", "test"):
-            raise ValueError(f"task {self.name!r} has splits 'valid' and 'test', got {split!r}")
+        if split not in self._splits:
+            raise ValueError(
+                f"task {self.name!r} has splits {' and '.join(map(repr, self._splits))}, "
+                f"got {split!r}"
+            )
         columns = data.batchify(getattr(self.corpus, split), 10)
         yield from data.bptt_batches(columns, settings.bptt)
 
@@ -313,17 +343,23 @@ def model_options(task: str) -> list[str]:
     return [p for p in params if p != "vocab_size"]
 
 
-def make_task(name: str, data_dir: Path, vocab_size: int | None = None) -> Task:
+def make_task(
+    name: str, data_dir: Path, vocab_size: int | None = None, holdout: bool = False
+) -> Task:
     """Loads a task's data. ``text`` reads ``train.txt``/``valid.txt``/``test.txt`` from
-    ``data_dir`` itself (any whitespace-tokenized corpus)."""
+    ``data_dir`` itself (any whitespace-tokenized corpus). ``holdout``: evaluate on a
+    validation split (the last 10,000 MNIST training images, the last 5,000 of CIFAR, a
+    corpus's own valid split) and leave the test split unread."""
     if name == "mnist":
-        return MNIST(data_dir)
+        return MNIST(data_dir, holdout)
     if name == "cifar10":
-        return CIFAR10(data_dir)
+        return CIFAR10(data_dir, holdout)
     if name == "cifar100":
-        return CIFAR100(data_dir)
+        return CIFAR100(data_dir, holdout)
+    with_test = not holdout
     if name == "ptb":
-        return LanguageModel(data.load_ptb(data_dir, vocab_size=vocab_size), "ptb")
+        return LanguageModel(data.load_ptb(data_dir, vocab_size, with_test), "ptb")
     if name == "text":
-        return LanguageModel(data.load_text_corpus(data_dir, vocab_size=vocab_size), "text")
+        corpus = data.load_text_corpus(data_dir, vocab_size=vocab_size, with_test=with_test)
+        return LanguageModel(corpus, "text")
     raise ValueError(f"unknown task {name!r}; expected one of {', '.join(_TASKS)}")
