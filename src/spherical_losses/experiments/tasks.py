@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,25 +61,12 @@ class Settings:
 
 # Profiles. 'cpu': one run in at most 15 minutes on 2 cores (30 for CIFAR). 'paper': the
 # paper-scale settings, for a GPU.
+_CPU_CIFAR = Settings(epochs=12, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4)
 PROFILES: dict[str, dict[str, Settings]] = {
     "cpu": {
         "mnist": Settings(epochs=4, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        "cifar10": Settings(
-            epochs=12,
-            batch_size=128,
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=5e-4,
-            model={"blocks_per_stage": 1, "width": 16},
-        ),
-        "cifar100": Settings(
-            epochs=12,
-            batch_size=128,
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=5e-4,
-            model={"blocks_per_stage": 1, "width": 32},
-        ),
+        "cifar10": _CPU_CIFAR.replace(model={"blocks_per_stage": 1, "width": 16}),
+        "cifar100": _CPU_CIFAR.replace(model={"blocks_per_stage": 1, "width": 32}),
         "ptb": Settings(
             epochs=6,
             batch_size=20,
@@ -173,7 +160,11 @@ class _ImageTask(Task):
     augment: ClassVar[bool] = False
     holdout_size: ClassVar[int]  # the validation split: the last images of the training set
 
-    def __init__(self, arrays: dict[str, Tensor], num_classes: int, holdout: bool = False) -> None:
+    # The loader: ``(root, with_test) -> {"train_x", "train_y", "test_x", "test_y"}``.
+    load: ClassVar[Callable[..., dict[str, Tensor]]]
+
+    def __init__(self, root: Path, holdout: bool = False) -> None:
+        arrays = self.load(root, with_test=not holdout)
         train_x, train_y = arrays["train_x"], arrays["train_y"]
         if holdout:
             # (a fifth of a training set too small for the official size: test fixtures)
@@ -183,9 +174,11 @@ class _ImageTask(Task):
         else:
             self.eval_sets = {"test": (arrays["test_x"], arrays["test_y"])}
         self.train_x, self.train_y = train_x, train_y
-        self.num_classes = num_classes
         self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std).view(1, -1, 1, 1)
+
+    def build_body(self, settings: Settings) -> nn.Module:
+        return self.model_class(**settings.model)
 
     def _normalize(self, x: Tensor) -> Tensor:
         return (x.float() / 255.0 - self._mean) / self._std
@@ -243,12 +236,8 @@ class MNIST(_ImageTask):
     mean = (0.1307,)
     std = (0.3081,)
     holdout_size = 10_000
-
-    def __init__(self, root: Path, holdout: bool = False) -> None:
-        super().__init__(data.load_mnist(root, with_test=not holdout), 10, holdout)
-
-    def build_body(self, settings: Settings) -> nn.Module:
-        return ConvNet(**settings.model)
+    num_classes = 10
+    load = staticmethod(data.load_mnist)
 
 
 class CIFAR10(_ImageTask):
@@ -258,12 +247,8 @@ class CIFAR10(_ImageTask):
     augment = True
     model_class = ResNet
     holdout_size = 5_000
-
-    def __init__(self, root: Path, holdout: bool = False) -> None:
-        super().__init__(data.load_cifar10(root, with_test=not holdout), 10, holdout)
-
-    def build_body(self, settings: Settings) -> nn.Module:
-        return ResNet(**settings.model)
+    num_classes = 10
+    load = staticmethod(data.load_cifar10)
 
 
 class CIFAR100(CIFAR10):
@@ -271,10 +256,8 @@ class CIFAR100(CIFAR10):
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
     topk = (1, 5)
-
-    def __init__(self, root: Path, holdout: bool = False) -> None:
-        arrays = data.load_cifar100(root, with_test=not holdout)
-        _ImageTask.__init__(self, arrays, 100, holdout)
+    num_classes = 100
+    load = staticmethod(data.load_cifar100)
 
 
 class LanguageModel(Task):
