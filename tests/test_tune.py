@@ -65,8 +65,8 @@ def test_tune_records_a_study_and_train_uses_its_settings(
     study = _study(tmp_path, "mnist-cpu-spherical")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2
-    for t in finished:  # two decades around the profile's lr 0.05; eps in its range
-        assert 0.005 <= t.params["lr"] <= 0.5 and 1e-4 <= t.params["eps"] <= 1.0
+    for t in finished:  # lr from 1/1000 to 10 times the profile's 0.05; eps in its range
+        assert 5e-5 <= t.params["lr"] <= 0.5 and 1e-4 <= t.params["eps"] <= 1.0
     saved = json.loads((tuned / "mnist-cpu.json").read_text())["losses"]["spherical"]
     best = min((t for t in finished if t.value is not None), key=lambda t: t.value)
     assert saved["lr"] == best.params["lr"] and saved["loss_options"] == {"eps": best.params["eps"]}
@@ -229,3 +229,17 @@ def test_run_options_round_trip_through_compare(tmp_path: Path) -> None:
     per_run = ["--loss", "spherical", "--seed", "2", "--resume"]
     args = parser.parse_args([*passthrough(config), *per_run])
     assert config_from_args(args) == config
+
+
+def test_a_best_learning_rate_at_the_edge_of_the_range_is_flagged() -> None:
+    import optuna
+
+    span = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+
+    def trial(lr: float) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(params={"lr": lr}, distributions={"lr": span}, value=0.1)
+
+    assert tune_module._at_edge(trial(1.5e-4)) == "low"
+    assert tune_module._at_edge(trial(0.7)) == "high"
+    assert tune_module._at_edge(trial(1e-2)) is None
+    assert tune_module._at_edge(None) is None

@@ -9,7 +9,10 @@ never loaded. Every loss gets the same budget (``--trials`` × the profile's epo
 trial whose validation metric is worse than the median of the earlier trials at the same
 epoch is stopped there (``MedianPruner``).
 
-The search: the learning rate on a log scale over two decades around the profile's, and each
+The search: the learning rate on a log scale over four decades, from 1/1000 to 10 times the
+profile's (:data:`LR_RANGE`; the members differ in curvature by orders of magnitude, and the
+range must hold each one's best setting inside it: a best setting within a factor
+:data:`EDGE_FACTOR` of either end is flagged, in the tuned file and on stderr), and each
 member's own options (:data:`MEMBER_SPACES`); an option given with ``--loss-opt`` (or ``--lr``)
 is fixed instead. The selected settings go to the tuned file (:mod:`.tuned`) that ``train``
 and ``compare`` read.
@@ -33,9 +36,14 @@ from .report import write_tuning_report
 from .tasks import Settings, Task, make_task
 from .tuned import entry_key, write_entry
 
-__all__ = ["MEMBER_SPACES", "search_space", "tune"]
+__all__ = ["EDGE_FACTOR", "LR_RANGE", "MEMBER_SPACES", "search_space", "tune"]
 
 Sampler = Callable[[Any], Any]  # an optuna.Trial -> the option's value
+
+#: The learning rates searched, as factors of the profile's: the same range for every loss.
+LR_RANGE = (1e-3, 10.0)
+#: A best learning rate within this factor of either end of the range is "at the edge".
+EDGE_FACTOR = 10**0.25
 
 
 def _bound_xi(trial: Any) -> float | None:
@@ -69,7 +77,8 @@ def search_space(config: RunConfig, num_classes: int) -> dict[str, Sampler]:
     space: dict[str, Sampler] = {}
     if config.lr is None:
         lr = profile_settings(config).lr
-        space["lr"] = lambda t: t.suggest_float("lr", lr / 10, lr * 10, log=True)
+        low, high = lr * LR_RANGE[0], lr * LR_RANGE[1]
+        space["lr"] = lambda t: t.suggest_float("lr", low, high, log=True)
     for name, sample in MEMBER_SPACES.get(config.loss, lambda d: {})(num_classes).items():
         if name not in config.loss_options:
             space[f"loss_options.{name}"] = sample
@@ -282,12 +291,20 @@ def select(study: Any, metric: str, trials: int, epochs: int, storage: str) -> d
         "value": None if best is None else best.value,
         "trial": None if best is None else best.number,
         "diverged_everywhere": not trained,
+        "lr_at_edge": _at_edge(best),
         "trials": count,
         "budget": {"trials": trials, "epochs": epochs},
         "study": study.study_name,
         "storage": storage,
         "validation": "held out from the training set (the test split is never read)",
     }
+    if entry["lr_at_edge"]:
+        print(
+            f"{study.study_name}: the best learning rate {entry['lr']:.3g} is at the "
+            f"{entry['lr_at_edge']} edge of the range searched; widen the range",
+            file=sys.stderr,
+            flush=True,
+        )
     if not trained:
         print(
             f"{study.study_name}: training diverged at every setting tried"
@@ -296,6 +313,19 @@ def select(study: Any, metric: str, trials: int, epochs: int, storage: str) -> d
             flush=True,
         )
     return entry
+
+
+def _at_edge(best: Any) -> str | None:
+    """``'low'`` or ``'high'`` when the best trial's learning rate (if searched) lies within
+    :data:`EDGE_FACTOR` of that end of its range, else None."""
+    if best is None or "lr" not in best.distributions:
+        return None
+    span, lr = best.distributions["lr"], best.params["lr"]
+    if lr < span.low * EDGE_FACTOR:
+        return "low"
+    if lr > span.high / EDGE_FACTOR:
+        return "high"
+    return None
 
 
 def _write_trials(study: Any, path: Path, metric: str, epochs: int) -> None:
