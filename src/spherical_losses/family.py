@@ -608,16 +608,21 @@ class SoftmaxBound(SphericalMember):
             xi = _optimal_xi(v.detach(), D)
             if v.requires_grad or is_traced(v):  # (a second derivative, maybe: _implicit_xi)
                 xi = _implicit_xi(xi, v, D)
+            lam = _jj_lambda(xi)
+            # Dξ/2 + Dλξ² − D log(1+e^ξ) = −D[log(2cosh(ξ/2)) − (ξ/4)tanh(ξ/2)].
+            h = torch.nn.functional.softplus(xi) - 0.5 * xi - 0.25 * xi * torch.tanh(0.5 * xi)
+            bound = D * h - (D - 2.0) ** 2 / (16.0 * D * lam) + lam * v + s64 / D
         else:
-            xi = torch.full_like(v, self.xi)
-        lam = _jj_lambda(xi)
-        # Dξ/2 + Dλξ² − D log(1+e^ξ) = −D[log(2cosh(ξ/2)) − (ξ/4)tanh(ξ/2)].
-        h = torch.nn.functional.softplus(xi) - 0.5 * xi - 0.25 * xi * torch.tanh(0.5 * xi)
-        bound = D * h - (D - 2.0) ** 2 / (16.0 * D * lam) + lam * v + s64 / D
+            # A fixed ξ makes λ and the terms in ξ alone constants, computed once in float64.
+            xi = self.xi
+            lam = math.tanh(0.5 * xi) / (4.0 * xi)  # (ξ > 0 here)
+            h = xi + math.log1p(math.exp(-xi)) - 0.5 * xi - 0.25 * xi * math.tanh(0.5 * xi)
+            constant = D * h - (D - 2.0) ** 2 / (16.0 * D * lam)
+            bound = (v * lam).add_(s64, alpha=1.0 / D).add_(constant)
         loss = bound.to(s.dtype) - oc
         alpha = (1.0 / D - 2.0 * lam * s64 / D).to(s.dtype)
-        lam = lam.to(s.dtype)
-        return loss, alpha, lam, torch.full_like(oc, -1.0)
+        beta = lam.to(s.dtype) if isinstance(lam, Tensor) else torch.full_like(s, lam)
+        return loss, alpha, beta, torch.full_like(oc, -1.0)
 
 
 # --------------------------------------------------------------------------------------------
