@@ -672,22 +672,24 @@ class ZScore(SphericalMember):
     def loss_and_partials(
         self, s: Tensor, q: Tensor, oc: Tensor, D: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # (Few operations: at small C a call's time is mostly their count.)
         mu = s / D
-        var = q / D - torch.square(mu)
-        # Below rounding level of q/D the variance is zero (constant outputs).
-        tiny = torch.finfo(s.dtype).eps * 4 * (q / D)
-        degenerate = ~(var > tiny)
-        sigma = torch.sqrt(torch.where(degenerate, torch.ones_like(var), var))
-        z = torch.where(degenerate, torch.zeros_like(var), (oc - mu) / sigma)
-        t = self.a * (self.b - z)
+        mean_square = q / D
+        var = mean_square - mu * mu
+        # Below rounding level of q/D the variance is zero (constant outputs): z and its
+        # gradient are 0 there, through w = 1/σ where σ is defined and 0 elsewhere.
+        defined = var > mean_square * (4.0 * torch.finfo(s.dtype).eps)
+        inv_sigma = torch.rsqrt(torch.where(defined, var, 1.0))
+        w = torch.where(defined, inv_sigma, 0.0)
+        z = (oc - mu) * w
+        t = (self.b - z) * self.a
         loss = torch.nn.functional.softplus(t) / self.a
-        # dL/dz = −sigmoid(t); dz/do_c = 1/σ; dz/ds = −1/(Dσ) − z/σ · dσ/ds; σ² = q/D − s²/D².
-        dz = torch.where(degenerate, torch.zeros_like(t), -torch.sigmoid(t))
-        inv_sigma = 1.0 / sigma
-        gamma = dz * inv_sigma
-        # dσ/ds = −s/(D²σ) = −μ/(Dσ); dσ/dq = 1/(2Dσ)
-        alpha = dz * (-inv_sigma / D + z * inv_sigma * mu * inv_sigma / D)
-        beta = dz * (-z * inv_sigma * inv_sigma / (2.0 * D))
+        # dL/dz = −sigmoid(t) and dz/do_c = 1/σ, so γ = −sigmoid(t)/σ. With σ² = q/D − s²/D²,
+        # dσ/ds = −μ/(Dσ) and dσ/dq = 1/(2Dσ): dz/ds = (z μ/σ − 1)/(Dσ), dz/dq = −z/(2Dσ²).
+        gamma = -torch.sigmoid(t) * w
+        z_sigma = z * inv_sigma
+        alpha = (z_sigma * mu - 1.0) * gamma / D
+        beta = z_sigma * gamma * (-0.5 / D)
         return loss, alpha, beta, gamma
 
 

@@ -61,10 +61,14 @@ class _SphericalLossFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, valid, alpha, beta, gamma, nan)
         ctx.save_for_forward(input, target, valid, alpha, beta, gamma, nan)
         ctx.member = member
+        # No zero gradients made for the outputs that no one differentiates (the partials).
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, target, valid, alpha, beta, gamma, nan = ctx.saved_tensors
+        if grad_loss is None:  # (the loss itself took no part in what is differentiated)
+            return None, None, None, None
         if torch.is_grad_enabled() or (
             not torch.compiler.is_compiling() and conventions.is_traced(input)
         ):
