@@ -921,6 +921,24 @@ def test_sync_free_non_finite_update_is_skipped_then_reported() -> None:
     assert rel(layer.weight, twin.weight) <= 1e-12
 
 
+def test_sync_free_bounds_reach_the_state_dict_and_copies() -> None:
+    # The bounds on U's singular values live on the device during sync-free steps: a
+    # state_dict or a copy reads them there (an eager point), not the stale host values.
+    layer = FactoredSphericalLoss(12, 20, "taylor", dtype=F64)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=0.1, sync_free=True, check_every=0)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        opt.zero_grad()
+        h = torch.randn(4, 12, generator=gen, dtype=F64)
+        layer(h, torch.randint(0, 20, (4,), generator=gen)).backward()
+        opt.step()
+    book = tuple(layer._session.book[:2].tolist())
+    bounds = layer.state_dict()["_extra_state"]["sigma_bounds"]
+    # Taylor's β > 0 makes J positive semidefinite: M's smallest singular value is at most a.
+    assert bounds == book and bounds[1] <= (1 - 0.3 * 0.1) ** 3
+    assert copy.deepcopy(layer)._session.sigma == book
+
+
 def test_sync_free_arguments() -> None:
     layer = FactoredSphericalLoss(4, 10, "mse", dtype=F64)
     assert not FactoredSGD(layer).is_sync_free()  # eagerly on the CPU: the per-step choices
