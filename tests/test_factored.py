@@ -67,13 +67,18 @@ def train_both(
     schedule: bool = True,
     seed: int = 1,
     feature_scale: torch.Tensor | None = None,
+    sync_free: bool | None = None,
+    check_every: int = 100,
 ) -> float:
     """Trains both layers on the same minibatches; returns the largest relative difference of
-    the losses and input gradients seen at any step, after checking the final weights.
+    the losses and input gradients seen at any step, after checking the final weights (and,
+    for a sync-free optimizer, its deferred checks).
     """
     member, reduction = layer.member, layer.reduction
     device = layer.V.device  # the dense reference stays where it is (the CPU)
-    opt = FactoredSGD(layer, lr=lr, weight_decay=weight_decay)
+    opt = FactoredSGD(
+        layer, lr=lr, weight_decay=weight_decay, sync_free=sync_free, check_every=check_every
+    )
     dense_opt = torch.optim.SGD(linear.parameters(), lr=lr, weight_decay=weight_decay)
     schedulers = [StepLR(o, step_size=40, gamma=0.8) for o in (opt, dense_opt)] if schedule else []
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +108,7 @@ def train_both(
         dense_opt.step()
         for scheduler in schedulers:
             scheduler.step()
+    opt.check()  # (raises if a sync-free step's update was not finite)
     assert rel(layer.weight.cpu(), linear.weight) <= 1e-9
     if linear.bias is not None:
         assert rel(layer.bias.cpu(), linear.bias) <= 1e-9
@@ -113,23 +119,37 @@ def train_both(
 # exactness against the dense layer and torch.optim.SGD (float64)
 
 
+# The step as it runs eagerly on the CPU (None: chosen for the device), and the sync-free step
+# that runs on a GPU and under torch.compile (True), run here on the CPU.
+SYNC_FREE = pytest.mark.parametrize("sync_free", [None, True], ids=["eager", "sync_free"])
+
+
+@SYNC_FREE
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("member", MEMBERS)
-def test_matches_dense_sgd(member: str, bias: bool, weight_decay: float, reduction: str) -> None:
+def test_matches_dense_sgd(
+    member: str, bias: bool, weight_decay: float, reduction: str, sync_free: bool | None
+) -> None:
     linear, layer = make_pair(member, 40, 6, bias=bias, reduction=reduction)
     lr = LR[member] / (12 if reduction == "sum" else 1)
-    assert train_both(linear, layer, 60, lr, batch=12, weight_decay=weight_decay) <= 1e-9
+    worst = train_both(
+        linear, layer, 60, lr, batch=12, weight_decay=weight_decay, sync_free=sync_free
+    )
+    assert worst <= 1e-9
 
 
+@SYNC_FREE
 @pytest.mark.parametrize("shape", ["m > d", "m < d"])
 @pytest.mark.parametrize("member", MEMBERS)
-def test_matches_dense_sgd_1000_steps(member: str, shape: str) -> None:
+def test_matches_dense_sgd_1000_steps(member: str, shape: str, sync_free: bool | None) -> None:
     # m > d inverts M on the d×d side, m < d through the m×m (Woodbury) side.
     in_features, batch = (5, 12) if shape == "m > d" else (24, 6)
     linear, layer = make_pair(member, 50, in_features)
-    worst = train_both(linear, layer, 1000, LR[member], batch=batch, weight_decay=0.01)
+    worst = train_both(
+        linear, layer, 1000, LR[member], batch=batch, weight_decay=0.01, sync_free=sync_free
+    )
     assert worst <= 1e-9
 
 
@@ -278,29 +298,28 @@ def test_unbatched_input() -> None:
 # the ways of inverting M, and the repairs
 
 
-@pytest.mark.parametrize(
-    ("kind", "ratio", "shape"),
-    [
-        ("series", 1e-5, (6, 16)),
-        ("series", 1e-5, (16, 6)),
-        ("direct", 0.1, (6, 16)),
-        ("direct", 0.1, (16, 6)),
-        ("eigen", 0.8, (16, 6)),
-        ("eigen", 1.4, (6, 16)),  # M indefinite (the rows of H are orthogonal), well conditioned
-        ("dense", 1.0 - 1e-4, (16, 6)),  # M nearly singular
-    ],
-)
-@pytest.mark.parametrize("side", ["auto", "woodbury", "square"])
-@pytest.mark.parametrize("pinned", [False, True])
-def test_every_way_of_inverting_M_is_exact(
-    kind: str, ratio: float, shape: tuple[int, int], pinned: bool, side: str
+# (kind, ratio, shape): the way the eager step takes M⁻¹ when J's largest eigenvalue is ratio × a,
+# for minibatches of that shape (batch, in_features).
+WAYS = [
+    ("series", 1e-5, (6, 16)),
+    ("series", 1e-5, (16, 6)),
+    ("direct", 0.1, (6, 16)),
+    ("direct", 0.1, (16, 6)),
+    ("eigen", 0.8, (16, 6)),
+    ("eigen", 1.4, (6, 16)),  # M indefinite (the rows of H are orthogonal), well conditioned
+    ("dense", 1.0 - 1e-4, (16, 6)),  # M nearly singular
+]
+
+
+def check_steps_of_ratio(
+    ratio: float, shape: tuple[int, int], expected: str, **options: object
 ) -> None:
-    # Unpinned, the step chooses `kind` for this ratio; pinned, the argument chooses it. The
-    # shape chooses the side (m × m for (6, 16), d × d for (16, 6)) unless `side` does.
+    """Three steps of FactoredSGD(**options) where J's largest eigenvalue is ratio × a, each
+    taking M⁻¹ the ``expected`` way and equal to torch.optim.SGD's.
+    """
     batch, in_features = shape
     linear, layer = make_pair("mse", 30, in_features, bias=False, reduction="sum")
-    inverse = kind if pinned else "auto"
-    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02, side=side, inverse=inverse)
+    opt = FactoredSGD(layer, lr=0.0, weight_decay=0.02, **options)
     dense_opt = torch.optim.SGD(linear.parameters(), lr=0.0, weight_decay=0.02)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -317,8 +336,32 @@ def test_every_way_of_inverting_M_is_exact(
         sl.spherical_loss(linear(h), target, "mse", reduction="sum").backward()
         opt.step()
         dense_opt.step()
-        assert opt.last_update == kind
+        opt.check()
+        assert opt.last_update == expected
         assert rel(layer.weight, linear.weight) <= 1e-9
+
+
+@pytest.mark.parametrize(("kind", "ratio", "shape"), WAYS)
+@pytest.mark.parametrize("side", ["auto", "woodbury", "square"])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_every_way_of_inverting_M_is_exact(
+    kind: str, ratio: float, shape: tuple[int, int], pinned: bool, side: str
+) -> None:
+    # Unpinned, the step chooses `kind` for this ratio; pinned, the argument chooses it. The
+    # shape chooses the side (m × m for (6, 16), d × d for (16, 6)) unless `side` does.
+    check_steps_of_ratio(ratio, shape, kind, side=side, inverse=kind if pinned else "auto")
+
+
+@pytest.mark.parametrize(("kind", "ratio", "shape"), WAYS)
+@pytest.mark.parametrize("side", ["auto", "woodbury", "square"])
+@pytest.mark.parametrize("inverse", ["auto", "direct", "dense"])
+def test_sync_free_step_is_exact_for_every_M(
+    kind: str, ratio: float, shape: tuple[int, int], side: str, inverse: str
+) -> None:
+    # The sync-free step takes M⁻¹ by an LU factorization whatever ρ (or, pinned, applies the
+    # step to V), on either side: exact where the eager step chooses each of its ways.
+    expected = "dense" if inverse == "dense" else "direct"
+    check_steps_of_ratio(ratio, shape, expected, side=side, inverse=inverse, sync_free=True)
 
 
 def test_a_pinned_variant_must_suit_the_step() -> None:
@@ -335,9 +378,11 @@ def test_a_pinned_variant_must_suit_the_step() -> None:
         opt.step()
 
 
-def test_repairs_keep_training_exact() -> None:
+@SYNC_FREE
+def test_repairs_keep_training_exact(sync_free: bool | None) -> None:
     # mse squeezes W along the inputs' directions, much faster along the directions of large
     # variance: U becomes ill-conditioned quickly, and max_condition=16 makes repairs frequent.
+    # (Sync-free, they are deferred to the check every 5 steps, and the last one to the end.)
     linear, layer = make_pair("mse", 40, 6, max_condition=16)
     scale = torch.tensor([3.0, 1.0, 0.5, 0.3, 0.2, 0.1], dtype=F64)
     repairs = 0
@@ -349,7 +394,10 @@ def test_repairs_keep_training_exact() -> None:
         repair()
 
     layer.repair = counting_repair  # type: ignore[method-assign]
-    worst = train_both(linear, layer, 300, 0.01, batch=10, schedule=False, feature_scale=scale)
+    worst = train_both(
+        linear, layer, 300, 0.01, batch=10, schedule=False, feature_scale=scale,
+        sync_free=sync_free, check_every=5,
+    )  # fmt: skip
     assert worst <= 1e-9
     assert repairs > 0
     sigma = torch.linalg.svdvals(layer.U)
@@ -837,6 +885,108 @@ def test_non_finite_gradient_is_not_applied() -> None:
         opt.step()
     assert torch.equal(layer.weight, before)
     assert issubclass(sl.NonFiniteUpdateError, RuntimeError)
+
+
+def test_sync_free_non_finite_update_is_skipped_then_reported() -> None:
+    # Sync-free, the step cannot raise at once: it leaves the weight as it was, and check()
+    # raises, naming the step; the later steps were applied, and the training goes on.
+    layer = FactoredSphericalLoss(3, 10, "mse", dtype=F64)
+    twin = copy.deepcopy(layer)
+    opt = FactoredSGD(layer, lr=0.1, sync_free=True, check_every=0)
+    twin_opt = FactoredSGD(twin, lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 3, generator=gen, dtype=F64), torch.arange(1, 5)) for _ in range(3)]
+    bad = batches[0][0].clone()
+    bad[0, 0] = math.inf
+    before = layer.weight
+    opt.zero_grad()
+    layer(bad, batches[0][1]).backward()
+    opt.step()
+    assert torch.equal(layer.weight, before)
+    for h, target in batches[1:]:
+        for model, o in ((layer, opt), (twin, twin_opt)):
+            o.zero_grad()
+            model(h, target).backward()
+            o.step()
+    with pytest.raises(sl.NonFiniteUpdateError, match=r"sync-free step 1 .*the 2 later ones"):
+        opt.check()
+    assert rel(layer.weight, twin.weight) <= 1e-12
+    opt.check()  # reported once
+    h, target = batches[0]
+    for model, o in ((layer, opt), (twin, twin_opt)):
+        o.zero_grad()
+        model(h, target).backward()
+        o.step()
+    opt.check()
+    assert rel(layer.weight, twin.weight) <= 1e-12
+
+
+def test_sync_free_bounds_reach_the_state_dict_and_copies() -> None:
+    # The bounds on U's singular values live on the device during sync-free steps: a
+    # state_dict or a copy reads them there (an eager point), not the stale host values.
+    layer = FactoredSphericalLoss(12, 20, "taylor", dtype=F64)
+    opt = FactoredSGD(layer, lr=0.3, weight_decay=0.1, sync_free=True, check_every=0)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        opt.zero_grad()
+        h = torch.randn(4, 12, generator=gen, dtype=F64)
+        layer(h, torch.randint(0, 20, (4,), generator=gen)).backward()
+        opt.step()
+    book = tuple(layer._session.book[:2].tolist())
+    bounds = layer.state_dict()["_extra_state"]["sigma_bounds"]
+    # Taylor's β > 0 makes J positive semidefinite: M's smallest singular value is at most a.
+    assert bounds == book and bounds[1] <= (1 - 0.3 * 0.1) ** 3
+    assert copy.deepcopy(layer)._session.sigma == book
+
+
+def test_sync_free_arguments() -> None:
+    layer = FactoredSphericalLoss(4, 10, "mse", dtype=F64)
+    assert not FactoredSGD(layer).is_sync_free()  # eagerly on the CPU: the per-step choices
+    assert FactoredSGD(layer, sync_free=True).is_sync_free()
+    for inverse in ("series", "eigen"):
+        with pytest.raises(ValueError, match=rf"inverse='{inverse}' .* cannot be sync-free"):
+            FactoredSGD(layer, inverse=inverse, sync_free=True)
+    with pytest.raises(ValueError, match=r"check_every must be an integer >= 0, got -1"):
+        FactoredSGD(layer, check_every=-1)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (4, 16)], ids=["square", "woodbury"])
+def test_sync_free_step_reads_nothing_on_the_host(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every way a tensor's value reaches Python raises during the sync-free steps (a new lr
+    # each step, weight decay, repeated and ignored targets, two backward calls, a zero
+    # gradient, a state that needs repairs): on a GPU none of them waits for the device.
+    batch, in_features = shape
+    linear, layer = make_pair("mse", 30, in_features, ignore_index=2, max_condition=16)
+    opt = FactoredSGD(layer, lr=0.05, weight_decay=0.1, sync_free=True, check_every=0)
+    dense_opt = torch.optim.SGD(linear.parameters(), lr=0.05, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.logspace(0, -1.5, in_features, dtype=F64)
+
+    def host_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sync-free step read a tensor's value on the host")
+
+    for step in range(12):
+        for o in (opt, dense_opt):
+            o.param_groups[0]["lr"] = 0.05 * (1 + step % 3)
+            o.zero_grad(set_to_none=step != 5)
+        if step != 5:  # step 5: a zero gradient, the weight decay alone
+            for _ in range(2):
+                h = torch.randn(batch, in_features, generator=gen, dtype=F64) * scale
+                target = torch.randint(0, 6, (batch,), generator=gen)
+                layer(h, target).backward()
+                sl.spherical_loss(linear(h), target, "mse", ignore_index=2).backward()
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+                patch.setattr(torch.Tensor, name, host_read)
+            opt.step()
+        dense_opt.step()
+        if step % 4 == 3:
+            opt.check()
+    opt.check()
+    assert rel(layer.weight, linear.weight) <= 1e-9
+    assert rel(layer.bias, linear.bias) <= 1e-9
 
 
 def test_cpu_training_is_bitwise_reproducible() -> None:

@@ -39,6 +39,13 @@ Design
   chunks; ``W`` is unchanged up to one rounding) and recompute ``Q`` and ``w̄`` from ``V``.
   A step whose own ``M`` is nearly singular (a learning rate at the stability limit of the
   loss) is applied to ``V`` directly, in the same ``O(D d²)`` way, so it stays exact.
+* The step can run with no host synchronization (``FactoredSGD(sync_free=True)``, the
+  default on a GPU): ``M⁻¹`` by an LU factorization in float64 whatever ``ρ`` (a cost fixed by
+  the shapes), the update applied where finite by a selection on the device, and the bounds on
+  ``U``, the first non-finite step and the first step needing a repair recorded on the device;
+  :meth:`FactoredSGD.check` reads them every ``check_every`` steps (one synchronization),
+  repairs then, and raises :class:`NonFiniteUpdateError` naming the step. Eagerly on the CPU
+  the step keeps its per-step choices (one read of ``ρ`` and finiteness per step).
 * The state lives in buffers, not parameters, so generic optimizers never see it and
   ``state_dict()`` round-trips it; ``backward()`` records the pending update on the layer and
   :class:`FactoredSGD` applies it (see :class:`FactoredSphericalLoss` for the protocol).

@@ -34,9 +34,10 @@ def _broadcast_layer(layer: FactoredSphericalLoss, group: Any) -> None:
     with torch.no_grad():
         dist.broadcast(layer.V, source, group=group)
         dist.broadcast(layer._state, source, group=group)
-        sigma = torch.tensor(layer._session.sigma, dtype=torch.float64, device=layer.V.device)
+        sigma = torch.tensor(layer._sigma(), dtype=torch.float64, device=layer.V.device)
         dist.broadcast(sigma, source, group=group)
-    layer._session.sigma = (float(sigma[0]), float(sigma[1]))
+    hi, lo = sigma.tolist()
+    layer._set_sigma(hi, lo)
     layer._session.weight_version += 1
     layer._session.state_version += 1
 
@@ -76,10 +77,19 @@ class FactoredSGD(torch.optim.Optimizer):
         side gives the same update up to rounding; a fixed one is for tests and comparisons.
     inverse : {'auto', 'series', 'direct', 'eigen', 'dense'}
         How the step takes ``M⁻¹`` (see :func:`.update.choose_inverse`). ``'auto'`` (default):
-        chosen per step from the bound ``ρ = ‖J‖_F``. A fixed way must suit the step:
-        ``'series'`` and ``'direct'`` raise a ValueError when ``ρ > a/2``; ``'eigen'`` works on
+        chosen per step from the bound ``ρ = ‖J‖_F`` (sync-free: ``'direct'``). A fixed way
+        must suit the step: ``'series'`` and ``'direct'`` raise a ValueError when ``ρ > a/2``
+        (not sync-free ``'direct'``, which suits every nonsingular ``M``); ``'eigen'`` works on
         the ``d × d`` side whatever ``side`` says; ``'dense'`` applies each step to ``V`` in
-        ``O(D d²)``.
+        ``O(D d²)``. ``'series'`` and ``'eigen'`` are not sync-free.
+    sync_free : bool, optional
+        Whether :meth:`step` runs without host synchronization (see Notes). ``None``
+        (default): on a GPU (any device but the CPU), unless ``inverse`` is ``'series'`` or
+        ``'eigen'``; eagerly on the CPU the step keeps its per-step choices, which are faster
+        there. ``True`` on the CPU runs the same code as on a GPU (for tests).
+    check_every : int
+        Sync-free: :meth:`check` runs after every ``check_every`` steps (default 100), one
+        synchronization each; 0: only when called (e.g. between compiled steps).
 
     Attributes
     ----------
@@ -91,6 +101,25 @@ class FactoredSGD(torch.optim.Optimizer):
 
     Notes
     -----
+    The eager step reads two numbers from the device (the bound ``ρ`` on ``‖J‖₂``, which
+    chooses how to invert ``M``, and whether the gradient is finite), and on rare steps more
+    (the eigenvalues of ``J`` when ``ρ > a/2``, the singular values of ``U`` when its bounds
+    leave their range, the status of a Cholesky factorization or solve). The sync-free step
+    reads none: it inverts ``M`` (or the ``m × m`` matrix of the Woodbury side) by an LU
+    factorization in float64 whose status stays on the device (a cost fixed by the shapes),
+    applies its update only where it is finite (a selection on the device, so a non-finite
+    gradient leaves the weight as it was), and records on the device the bounds on ``U``'s
+    singular values, the first step whose update was not finite and the first that left the
+    bounds out of range. :meth:`check` reads that record (one synchronization): it repairs
+    ``U`` or recomputes ``U⁻¹`` when a step left the range (an eager step does it at once,
+    so in between ``U``'s condition number may exceed ``max_condition``: ``V``'s rounding
+    errors reach ``W`` amplified by it, which a step at the stability limit of the loss,
+    with ``M`` nearly singular, makes large; the eager step applies such a step to ``V``
+    directly), and raises :class:`NonFiniteUpdateError` naming the step whose update was not
+    applied. What still synchronizes on a GPU: creating the step's work tensors (once per
+    minibatch shape) and the device record (once), :meth:`check`, and under a process group
+    the exchange (its header is read on the host).
+
     Only plain SGD is exact in ``O(d²)``: momentum or Adam keep ``D × d`` state, and a
     :class:`FactoredSphericalLoss` exposes no parameters to them (a backward without a
     :class:`FactoredSGD` attached raises). Between a :meth:`step` and the next ``backward()``,
@@ -106,6 +135,8 @@ class FactoredSGD(torch.optim.Optimizer):
         process_group: Any = None,
         side: str = "auto",
         inverse: str = "auto",
+        sync_free: bool | None = None,
+        check_every: int = 100,
     ) -> None:
         if not isinstance(layer, FactoredSphericalLoss):
             raise ValueError(
@@ -129,6 +160,13 @@ class FactoredSGD(torch.optim.Optimizer):
             if value != "auto" and value not in allowed:
                 choices = ", ".join(repr(x) for x in ("auto", *allowed))
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if sync_free and inverse in ("series", "eigen"):
+            raise ValueError(
+                f"inverse={inverse!r} chooses per step on the host, so it cannot be sync-free; "
+                "use 'auto', 'direct' or 'dense' with sync_free=True"
+            )
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
         # torch.optim.Optimizer wants tensors in its parameter group: a zero-size placeholder.
         # The step reaches the layer's state through self.layer (which .to() may have moved).
         placeholder = torch.empty(0, device=layer.V.device, dtype=layer.V.dtype)
@@ -137,6 +175,8 @@ class FactoredSGD(torch.optim.Optimizer):
         self.process_group = process_group
         self.last_exchange_bytes = 0
         self.side, self.inverse = side, inverse
+        self.sync_free, self.check_every = sync_free, check_every
+        self.steps_unchecked = 0  # sync-free steps since the last check()
         self.last_update = ""
         if process_group is not None:
             _broadcast_layer(layer, process_group)
@@ -157,11 +197,16 @@ class FactoredSGD(torch.optim.Optimizer):
             last_exchange_bytes=0,
             side=self.side,
             inverse=self.inverse,
+            sync_free=self.sync_free,
+            check_every=self.check_every,
+            steps_unchecked=self.steps_unchecked,
             last_update=self.last_update,
         )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # (A copy pickled before the sync-free step existed: the eager choices, as then.)
+        state = {"sync_free": None, "check_every": 100, "steps_unchecked": 0, **state}
         super().__setstate__(state)
         self.layer._attach(self)
 
@@ -173,9 +218,31 @@ class FactoredSGD(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
+    def is_sync_free(self) -> bool:
+        """Whether :meth:`step` runs without host synchronization (``sync_free``, resolved for
+        the layer's device).
+        """
+        if self.sync_free is not None:
+            return self.sync_free
+        return self.layer.V.device.type != "cpu" and self.inverse not in ("series", "eigen")
+
+    def check(self) -> None:
+        """The deferred checks of the sync-free steps (one synchronization; nothing to do
+        after eager steps): repairs ``U`` or recomputes ``U⁻¹`` if a step since the last check
+        left the bounds on its singular values out of range, then raises
+        :class:`NonFiniteUpdateError` if a step's update was not finite (that step was not
+        applied, the later ones were; the error says which). Called by :meth:`step` every
+        ``check_every`` sync-free steps; call it outside a compiled region.
+        """
+        self.steps_unchecked = 0
+        with torch.no_grad():
+            self.layer._settle()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Applies the update recorded by the backward calls since the last :meth:`zero_grad`."""
+        """Applies the update recorded by the backward calls since the last :meth:`zero_grad`
+        (sync-free: then every ``check_every`` steps :meth:`check`).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -197,11 +264,18 @@ class FactoredSGD(torch.optim.Optimizer):
             return loss  # no gradient: dense SGD skips the parameter, weight decay included
         side = None if self.side == "auto" else self.side
         inverse = None if self.inverse == "auto" else self.inverse
+        sync_free = self.is_sync_free()
         # (No autograd bookkeeping: a little less per operation. No autocast: the update runs in
         # the layer's precision, whatever the context of the step.)
         with torch.inference_mode(), autocast_off(self.layer.V.device):
-            self.last_update = apply_update(self.layer, pending, lr, weight_decay, side, inverse)
+            self.last_update = apply_update(
+                self.layer, pending, lr, weight_decay, side, inverse, sync_free=sync_free
+            )
         self.layer._stepped()
+        if sync_free and self.check_every:
+            self.steps_unchecked += 1
+            if self.steps_unchecked >= self.check_every:
+                self.check()
         return loss
 
     def _exchange(
@@ -298,11 +372,12 @@ class FactoredSGD(torch.optim.Optimizer):
 
 def apply_update(
     layer: FactoredSphericalLoss, upd: Pending, lr: float, weight_decay: float,
-    side: str | None = None, inverse: str | None = None,
+    side: str | None = None, inverse: str | None = None, *, sync_free: bool = False,
 ) -> str:  # fmt: skip
     """``W ← (1 − ηλ) W − η Σ_i (α_i 1 + 2β_i W h_i + γ_i e_{c_i}) h_iᵀ`` on ``layer``, in
     factored form (:mod:`.update`); returns how ``M⁻¹`` was taken (``'decay'`` for an empty
-    minibatch). ``side`` and ``inverse`` (``None``: chosen per step) fix the variant.
+    minibatch). ``side`` and ``inverse`` (``None``: chosen per step) fix the variant;
+    ``sync_free`` chooses by the shapes only (:func:`_apply_sync_free`).
     """
     m, d = upd.H.shape
     a = 1.0 - lr * weight_decay
@@ -312,14 +387,15 @@ def apply_update(
             layer._reset_factorization()
         elif a != 1.0:
             update.decay(layer._state, a)
-            hi, lo = layer._session.sigma
-            layer._session.sigma = (hi * abs(a), lo * abs(a))
+            layer._scale_sigma(abs(a))
         return "decay"
     ws = layer._workspace(m, d, upd.H.dtype, upd.H.device)
     ws.set_lr(lr)
     side = update.choose_side(m, d) if side is None else side
     products = update.woodbury_products if side == "woodbury" else update.square_products
-    p = products(ws, upd)
+    p = products(ws, upd, sync_free)
+    if sync_free:
+        return _apply_sync_free(layer, ws, upd, p, a, side, inverse)
     # One synchronization: the bound ρ = ‖J‖_F, and whether the coefficients are finite.
     rho_sq, total = torch.stack([p.rho_sq, p.ur.sum()]).tolist()
     rho = math.sqrt(max(rho_sq, 0.0))
@@ -344,3 +420,31 @@ def apply_update(
     dV = increments(ws, upd, p, inv, layer._cast_state(), a, layer.num_classes)
     update.commit(layer.V, layer._state, ws, upd.target, dV, a)
     return inv.kind
+
+
+def _apply_sync_free(
+    layer: FactoredSphericalLoss, ws: update.Workspace, upd: Pending, p: update.Products,
+    a: float, side: str, inverse: str | None,
+) -> str:  # fmt: skip
+    """The rest of :func:`apply_update` with no host synchronization: ``'direct'`` by
+    :func:`.update.sync_free_inverse` on ``side``, or ``'dense'`` when pinned or when ``a = 0``
+    (``M = −J``, singular when ``m < d``); the update applied where finite, and recorded in
+    the layer's book (:meth:`FactoredSphericalLoss._book_step`) for :meth:`FactoredSGD.check`.
+    """
+    if inverse == "dense" or a == 0.0:
+        ok = torch.isfinite(p.rho_sq + p.ur.sum())
+        J64 = update.gram64(upd.H, p.b)
+        update.dense_update(layer.V, layer.U, layer.omega, upd.target, a, J64, p.R, p.u, ok)
+        layer._reset_factorization()
+        one = torch.ones((), dtype=torch.float64, device=ok.device)
+        layer._book_step(ok, one, one)
+        return "dense"
+    inv = update.sync_free_inverse(p, a, side)
+    assert isinstance(inv.sm_hi, torch.Tensor) and isinstance(inv.sm_lo, torch.Tensor)
+    increments = update.woodbury_increments if side == "woodbury" else update.square_increments
+    dV = increments(ws, upd, p, inv, layer._cast_state(), a, layer.num_classes)
+    # Whether the update is finite: the inputs' coefficients, and what M⁻¹ made of them.
+    ok = torch.isfinite(p.rho_sq + p.ur.sum() + dV.sum() + ws.inc_main.sum())
+    update.commit(layer.V, layer._state, ws, upd.target, dV, a, ok)
+    layer._book_step(ok, inv.sm_hi, inv.sm_lo)
+    return "direct"

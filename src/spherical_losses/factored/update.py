@@ -17,6 +17,10 @@ rows of the targets), so that ``U' = U M``, ``ω' = M ω + u``, ``U'⁻¹ = M⁻
    ``[Uᵀ | Q | ω | w̄ | U⁻¹]``, in V's dtype, and the rows added to ``V``; :func:`commit` adds
    them to the float64 state in one operation.
 
+Phase 2 reads ``ρ`` on the host. The sync-free step (``FactoredSGD(sync_free=True)``) replaces
+it by :func:`sync_free_inverse`, chosen by the shapes only, and :func:`commit` then applies the
+update only where it is finite, by a selection on the device (``docs/factored-update.md`` §6).
+
 Each function reads its inputs and writes only into the :class:`Workspace` (its work tensors,
 made once per shape), except :func:`commit`, :func:`decay` and :func:`dense_update`, which
 change the state.
@@ -38,14 +42,17 @@ __all__ = [
     "NonFiniteUpdateError",
     "Pending",
     "Workspace",
+    "by_groups",
     "choose_inverse",
     "choose_side",
     "commit",
     "decay",
     "dense_update",
+    "gram64",
     "row_chunks",
     "square_increments",
     "square_products",
+    "sync_free_inverse",
     "woodbury_increments",
     "woodbury_products",
 ]
@@ -122,10 +129,13 @@ class Inverse(NamedTuple):
 
     kind: str  # one of INVERSES
     terms: int  # powers of J/a summed ('series')
-    sm_hi: float  # bounds on the largest and smallest singular values of M
-    sm_lo: float
+    # Bounds on the largest and smallest singular values of M: 0-dim tensors when sync-free.
+    sm_hi: float | Tensor
+    sm_lo: float | Tensor
     eig: torch.return_types.linalg_eigh | None = None  # of J in float64 ('eigen')
     J64: Tensor | None = None  # J in float64 ('eigen', 'dense')
+    # Sync-free 'direct': M⁻¹ (d × d side) or (a I − G B)⁻¹ (m × m side), float64.
+    inverse: Tensor | None = None
 
 
 class Workspace:
@@ -137,6 +147,9 @@ class Workspace:
         self.key = (m, d, dtype, device)
         self.lr: float | None = None
         self.scale = torch.empty(3, dtype=dtype, device=device)
+        # (−1, 2, −1), which set_lr multiplies by η: a kernel with a scalar argument, where
+        # copying a new host tensor to a GPU would wait for it.
+        self.signs = torch.tensor([-1.0, 2.0, -1.0], dtype=dtype, device=device)
         self.a: float | None = None
         self.column_scale = torch.empty(3 * d + 2, dtype=torch.float64, device=device)
         # The increments of [Uᵀ | Q | ω | w̄ | U⁻¹], then room for one more d × d block: the
@@ -155,7 +168,7 @@ class Workspace:
         """The factors ``(−η, 2η, −η)`` of the columns α, β, γ."""
         if self.lr != lr:
             self.lr = lr
-            self.scale.copy_(torch.tensor([-lr, 2.0 * lr, -lr], dtype=torch.float64))
+            torch.mul(self.signs, lr, out=self.scale)
 
     def vector_coefficients(self, num_classes: int) -> Tensor:
         """``C`` with ``[u | Hᵀb | r] C = [−u | −r − D u]``: the increments of ω and w̄ beyond
@@ -217,14 +230,19 @@ def row_chunks(V: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield start, V[start : start + step]
 
 
-def same_target_sum(R: Tensor, target: Tensor) -> Tensor:
-    """``S R`` with ``S_ij = [c_i = c_j]``: each row becomes the sum of its class's rows.
-
-    On the CPU by the groups of the targets (less time than the product); elsewhere as the
-    ``m × m`` product ``S R``, which unlike the groups (:func:`torch.unique`) needs no
-    synchronization with the device.
+def by_groups(R: Tensor, sync_free: bool) -> bool:
+    """Whether :func:`same_target_sum` takes the groups of the targets (eagerly on the CPU:
+    less time than the product) rather than the ``m × m`` product, which unlike the groups
+    (:func:`torch.unique`, whose size depends on the values) needs no synchronization.
     """
-    if R.device.type != "cpu":
+    return R.device.type == "cpu" and not sync_free
+
+
+def same_target_sum(R: Tensor, target: Tensor, sync_free: bool = False) -> Tensor:
+    """``S R`` with ``S_ij = [c_i = c_j]``: each row becomes the sum of its class's rows
+    (by the groups of the targets or as the product ``S R``: :func:`by_groups`).
+    """
+    if not by_groups(R, sync_free):
         return torch.eq(target.unsqueeze(1), target).to(R.dtype) @ R
     groups, inverse = torch.unique(target, return_inverse=True)
     if groups.shape[0] == R.shape[0]:
@@ -241,7 +259,7 @@ def choose_side(m: int, d: int) -> str:
     return "woodbury" if 4 * m * d * d + 14 * m * m * d + m**3 < 10 * d**3 else "square"
 
 
-def woodbury_products(ws: Workspace, upd: Pending) -> Products:
+def woodbury_products(ws: Workspace, upd: Pending, sync_free: bool = False) -> Products:
     """Phase 1 on the ``m × m`` side: ``H Hᵀ``, ``H Q Hᵀ`` and ``H W_cᵀ`` in one product."""
     H, m = upd.H, upd.H.shape[0]
     cs = torch.mul(upd.coef, ws.scale)  # columns −ηα, b = 2ηβ, −ηγ
@@ -252,11 +270,12 @@ def woodbury_products(ws: Workspace, upd: Pending) -> Products:
     GB = G * b.T  # H Hᵀ diag(b), which has the nonzero eigenvalues of J
     ur = (H.T @ cs).T
     return Products(
-        R, g_col, b, ur[0], ur, (GB * GB.T).sum(), hb, GB, C, N, same_target_sum(R, upd.target)
-    )
+        R, g_col, b, ur[0], ur, (GB * GB.T).sum(), hb, GB, C, N,
+        same_target_sum(R, upd.target, sync_free),
+    )  # fmt: skip
 
 
-def square_products(ws: Workspace, upd: Pending) -> Products:
+def square_products(ws: Workspace, upd: Pending, sync_free: bool = False) -> Products:
     """Phase 1 on the ``d × d`` side: one product gives ``J``, ``Rᵀ S R``, ``W_cᵀ R``, ``u``
     and ``r = Rᵀ1``.
     """
@@ -267,13 +286,11 @@ def square_products(ws: Workspace, upd: Pending) -> Products:
     b, g_col = ws.b, ws.g_col
     R = H * g_col
     torch.mul(H, b, out=L_hb)
-    if H.device.type == "cpu":
-        # diag(−ηγ) S R from R's rows summed over the targets' groups: on the CPU, less time
-        # than the m × m product below.
+    if by_groups(R, sync_free):
+        # diag(−ηγ) S R from R's rows summed over the targets' groups.
         torch.mul(same_target_sum(R, c), g_col, out=L_SR)
     else:
-        # diag(−ηγ) S R as (diag(−ηγ) S) R: one m × m product, which unlike the groups
-        # (torch.unique) needs no synchronization with the device.
+        # diag(−ηγ) S R as (diag(−ηγ) S) R: one m × m product.
         torch.mm(torch.mul(torch.eq(c.unsqueeze(1), c), g_col), R, out=L_SR)
     torch.mul(upd.W_c, g_col, out=L_W)
     torch.mm(ws.L_T, H, out=ws.out)
@@ -284,7 +301,8 @@ def square_products(ws: Workspace, upd: Pending) -> Products:
 def to_square(ws: Workspace, upd: Pending, p: Products, J: Tensor) -> Products:
     """The Woodbury side's products completed to the ``d × d`` side's, with ``J`` given."""
     ws.prepare_square()
-    SR = same_target_sum(p.R, upd.target) if p.SR is None else p.SR
+    assert p.SR is not None
+    SR = p.SR
     SRR, WR = (torch.cat([SR * p.g_col, upd.W_c * p.g_col], dim=1).T @ upd.H).split_with_sizes(
         [upd.H.shape[1]] * 2
     )
@@ -318,14 +336,43 @@ def choose_inverse(
             f"cannot take M⁻¹ by {kind!r} for this step: ‖J‖_F / a = {r:.3g}, expected at most "
             "0.5 (use 'eigen' or 'dense')"
         )
-    J64 = H.T.double() @ (H * b).double()
-    J64 = (J64 + J64.T) / 2
+    J64 = gram64(H, b)
     eig = torch.linalg.eigh(J64)
     singular = (a - eig.eigenvalues).abs()
     sm_hi, sm_lo = singular.max().item(), singular.min().item()
     if kind is None:
         kind = "eigen" if sm_lo * max_condition > 4.0 * sm_hi else "dense"
     return Inverse(kind, 0, sm_hi, sm_lo, eig, J64)
+
+
+def gram64(H: Tensor, b: Tensor) -> Tensor:
+    """``J = Hᵀ diag(b) H`` in float64, symmetric to the last bit."""
+    J64 = H.T.double() @ (H * b).double()
+    return (J64 + J64.T) / 2
+
+
+def sync_free_inverse(p: Products, a: float, side: str) -> Inverse:
+    """``'direct'`` with no host synchronization: the inverse of ``M`` (``side='square'``) or
+    of the ``m × m`` matrix ``a I − G B`` (``'woodbury'``) by an LU factorization in float64
+    (:func:`torch.linalg.inv_ex`, whose status stays on the device), whatever ``ρ``: a cost
+    fixed by the shapes. ``M`` is then nonsingular or the increments are not finite, which the
+    step's finiteness test catches.
+
+    The bounds on ``M``'s singular values are 0-dim tensors: ``a + ρ`` above (``‖J‖₂ ≤ ρ``),
+    and below the larger of ``a − ρ`` and ``1 / ‖M⁻¹‖_F`` (square side; ``σ_min(M) =
+    1/‖M⁻¹‖₂``) or of ``a − ρ`` and ``min(a, 1 / ‖(a I − G B)⁻¹‖_F)`` (Woodbury side: ``M``'s
+    eigenvalues are ``a`` and the ``a − λ`` of ``G B``'s eigenvalues ``λ``, and the spectral
+    radius of the inverse is at most its Frobenius norm).
+    """
+    rho = p.rho_sq.clamp_min(0.0).sqrt().double()
+    inner = p.J if side == "square" else p.GB
+    assert inner is not None
+    eye = torch.eye(inner.shape[0], dtype=torch.float64, device=inner.device)
+    inverse = torch.linalg.inv_ex(a * eye - inner.double()).inverse
+    floor = torch.linalg.matrix_norm(inverse).reciprocal()
+    if side == "woodbury":
+        floor = floor.clamp_max(a)
+    return Inverse("direct", 0, rho + a, torch.maximum(a - rho, floor), inverse=inverse)
 
 
 def _vector_increments(ws: Workspace, state: Cast, p: Products, a: float, D: int) -> Tensor:
@@ -357,6 +404,8 @@ def woodbury_increments(
         Z = X
         for _ in range(inv.terms - 1):
             Z = torch.addmm(X, GB, Z, alpha=1.0 / a)
+    elif inv.inverse is not None:  # sync-free: (a I − G B)⁻¹ in float64 (sync_free_inverse)
+        Z = (inv.inverse @ X.double()).mul_(a).to(X.dtype)
     else:
         Z = a * torch.linalg.solve(torch.diag_embed(GB.new_full((m,), a)) - GB, X)
     torch.mm(hb.T, HU, out=inc_Ut)  # J Uᵀ = (U J)ᵀ
@@ -424,7 +473,9 @@ def square_increments(
         J_inner = _square_series(ws, J, inner, a, inv.terms)
     else:
         eye = torch.eye(J.shape[0], device=J.device, dtype=torch.float64)
-        if inv.eig is None:
+        if inv.inverse is not None:  # sync-free (sync_free_inverse)
+            M_inv = inv.inverse
+        elif inv.eig is None:
             M_inv = torch.cholesky_inverse(torch.linalg.cholesky(a * eye - J.double()))
         else:
             vectors = inv.eig.eigenvectors
@@ -446,20 +497,31 @@ def square_increments(
     return dV
 
 
-def commit(V: Tensor, state: Tensor, ws: Workspace, target: Tensor, dV: Tensor, a: float) -> None:
+def commit(
+    V: Tensor, state: Tensor, ws: Workspace, target: Tensor, dV: Tensor, a: float,
+    ok: Tensor | None = None,
+) -> None:  # fmt: skip
     """The one change of a factored step: ``V[c] += dV``, and the float64 state
     ``[Uᵀ | Q | ω | w̄ | U⁻¹]`` becomes ``(state + inc · column_scale) · (a, a², a, a, 1/a)``
-    (``docs/factored-update.md`` §5).
+    (``docs/factored-update.md`` §5). With ``ok`` (a boolean 0-dim tensor: the sync-free step)
+    the change is made only where ``ok`` is true, by selection on the device: else ``V`` and
+    the state keep their values.
     """
+    ws.set_decay(a)
+    if ok is not None:
+        dV = torch.where(ok, dV, 0.0)
+        new = torch.addcmul(state, ws.inc_main, ws.column_scale)
+        decay(new, a)
+        state.copy_(torch.where(ok, new, state))
     if V.device.type == "cpu":
         # (On the CPU index_add_ takes less time than index_put_ with accumulate, and it adds
         # V's rows deterministically there; on CUDA its atomic adds would not.)
         V.index_add_(0, target, dV)
     else:
         V.index_put_((target,), dV, accumulate=True)
-    ws.set_decay(a)
-    state.addcmul_(ws.inc_main, ws.column_scale)
-    decay(state, a)
+    if ok is None:
+        state.addcmul_(ws.inc_main, ws.column_scale)
+        decay(state, a)
 
 
 def decay(state: Tensor, a: float) -> None:
@@ -475,15 +537,19 @@ def decay(state: Tensor, a: float) -> None:
 
 def dense_update(
     V: Tensor, U: Tensor, omega: Tensor, target: Tensor, a: float, J64: Tensor, R: Tensor,
-    u: Tensor,
+    u: Tensor, ok: Tensor | None = None,
 ) -> None:  # fmt: skip
     """The step applied to ``V`` itself (``O(D d²)``): ``V ← (V U + 1ωᵀ) M + 1uᵀ``, then
     ``V[c] += R``; the caller starts a fresh factorization (``U = I``, ``ω = 0``). For steps
-    whose ``M`` is nearly singular.
+    whose ``M`` is nearly singular. Where ``ok`` (a boolean 0-dim tensor: the sync-free step)
+    is false, ``M = I``, ``u = 0`` and ``R = 0`` instead: a repair, which keeps ``W``.
     """
     M = a * torch.eye(J64.shape[0], device=J64.device, dtype=torch.float64) - J64
-    UM = (U @ M).to(V.dtype)
-    shift = (M @ omega + u.double()).to(V.dtype)
+    UM, shift = U @ M, M @ omega + u.double()
+    if ok is not None:
+        UM, shift = torch.where(ok, UM, U), torch.where(ok, shift, omega)
+        R = torch.where(ok, R, 0.0)
+    UM, shift = UM.to(V.dtype), shift.to(V.dtype)
     for _, rows in row_chunks(V):
         rows.copy_(torch.addmm(shift, rows, UM))
     V.index_add_(0, target, R)
