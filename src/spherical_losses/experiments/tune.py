@@ -9,10 +9,10 @@ never loaded. Every loss gets the same budget (``--trials`` × the profile's epo
 trial whose validation metric is worse than the median of the earlier trials at the same
 epoch is stopped there (``MedianPruner``).
 
-The search: the learning rate on a log scale over two decades around the profile's, and each
-member's own options (:data:`MEMBER_SPACES`); an option given with ``--loss-opt`` (or ``--lr``)
-is fixed instead. The selected settings go to the tuned file (:mod:`.tuned`) that ``train``
-and ``compare`` read.
+The search: the learning rate on a log scale over two decades around the profile's (AdamW's
+1e-3 under ``--optimizer adamw``), and each member's own options (:data:`MEMBER_SPACES`); an
+option given with ``--loss-opt`` (or ``--lr``) is fixed instead. The selected settings go to
+the tuned file (:mod:`.tuned`) that ``train`` and ``compare`` read.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
     # The search starts from the profile, whatever a tuned file holds.
     config = replace(config, ignore_tuned=True)
     settings = config.settings()  # (checks every option)
-    key = entry_key(config.loss, config.output)
+    key = entry_key(config.loss, config.output, config.optimizer)
     folder = Path(config.out) / "tune" / f"{config.task}-{config.profile}"
     from .data import resolve_data_dir
 
