@@ -25,6 +25,7 @@ from spherical_losses.experiments.options import (
     config_from_args,
     passthrough,
 )
+from spherical_losses.experiments.report import write_report
 from spherical_losses.experiments.runs import check_same_run, run_record
 from spherical_losses.experiments.train import train
 from spherical_losses.experiments.tuned import write_entry
@@ -201,3 +202,21 @@ def test_torchrun_linear_output_matches_one_process(
     assert "head.linear.weight" in a["net"]
     for name, value in a["net"].items():
         torch.testing.assert_close(b["net"][name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_report_tells_the_optimizers_apart(tmp_path: Path) -> None:
+    for optimizer, error in ((None, 2.0), ("sgd", 4.0), ("adamw", 1.0)):
+        folder = tmp_path / "mnist" / f"taylor-{optimizer}" / "seed-0"
+        folder.mkdir(parents=True)
+        final = {
+            "task": "mnist", "loss": "taylor", "loss_options": {}, "loss_spec": "taylor",
+            "output": "dense", "seed": 0, "profile": "cpu", "epochs": 1,
+            "metrics": {"test_error": error},
+        }  # fmt: skip
+        if optimizer is not None:  # (a run made before --optimizer has none: SGD)
+            final["optimizer"] = optimizer
+        (folder / "final.json").write_text(json.dumps(final))
+        (folder / "metrics.csv").write_text(f"epoch,test_error\n1,{error}\n")
+    text = write_report(tmp_path / "mnist")[0].read_text()
+    assert "| taylor | dense | cpu | 2 | 0 | 1 | 3.00 ± 1.41 |" in text
+    assert "| taylor | dense, adamw | cpu | 1 | 0 | 1 | 1.00 |" in text

@@ -2,15 +2,15 @@
 
 A run lives in its own directory::
 
-    <out>/<task>/<loss>[-<output>][-<optimizer>]/seed-<N>/   (output, optimizer: where not
-                                                               dense, sgd)
+    <out>/<task>/<loss>[-<output>][-<optimizer>]/seed-<N>/
         config.json      what was asked for, with the resolved settings
         metrics.csv      one row per finished epoch
         checkpoint.pt    written atomically after every epoch (``--resume`` continues from it)
         final.json       written last, atomically: the run is finished when it exists
 
-Checkpoints hold only tensors, numbers, strings, lists and dicts, and are read with
-``torch.load(..., weights_only=True)``: a tampered run folder cannot run code.
+(``-<output>`` and ``-<optimizer>`` where not ``dense`` and ``sgd``.) Checkpoints hold only
+tensors, numbers, strings, lists and dicts, and are read with ``torch.load(...,
+weights_only=True)``: a tampered run folder cannot run code.
 """
 
 from __future__ import annotations
