@@ -14,20 +14,25 @@ import torch
 from torch import Tensor, nn
 
 from .. import family, functional
+from ..linear import LinearSphericalLoss, linear_spherical_loss
 from .options import RunConfig, RunError
 from .tasks import Settings
 
-__all__ = ["HEADS", "DenseHead", "FactoredHead", "Net", "OutputHead"]
+__all__ = ["HEADS", "DenseHead", "FactoredHead", "LinearHead", "Net", "OutputHead"]
 
 
 class Net(nn.Module):
-    """Body + optional output layer; returns logits (a layer inside) or features (none)."""
+    """Body + optional output layer. Returns the logits where the network applies its layer
+    (``apply_head``), else the features (no layer, or one whose loss reads the features)."""
 
-    def __init__(self, body: nn.Module, head: nn.Module | None, recurrent: bool) -> None:
+    def __init__(
+        self, body: nn.Module, head: nn.Module | None, recurrent: bool, apply_head: bool = True
+    ) -> None:
         super().__init__()
         self.body = body
         self.head = head
         self.recurrent = recurrent
+        self.apply_head = apply_head and head is not None
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         if self.recurrent:
@@ -35,7 +40,7 @@ class Net(nn.Module):
         else:
             feats = self.body(x)
         feats = feats.reshape(-1, feats.shape[-1])
-        return (feats if self.head is None else self.head(feats)), state
+        return (self.head(feats) if self.apply_head else feats), state
 
 
 class OutputHead:
@@ -43,6 +48,10 @@ class OutputHead:
     logits ``(N, C)`` where the head puts a layer in the network, features ``(N, d)`` else."""
 
     name: ClassVar[str]
+    #: Whether the network applies the module :meth:`attach` returns to the features (a
+    #: layer that makes the logits), or only holds it (its parameters trained with the
+    #: network's, its loss computed from the features).
+    applied: ClassVar[bool] = True
 
     def __init__(self, member: family.Member) -> None:
         self.member = member
@@ -117,17 +126,44 @@ def _ranking_scores(member: family.Member, logits: Tensor) -> Tensor:
     return logits
 
 
-class FactoredHead(OutputHead):
+class _SphericalHead(OutputHead):
+    """A head whose criterion (``self.crit``) takes the features: a spherical member only;
+    exact log-probabilities without the logits, top-k from chunks of them."""
+
+    crit: Any
+
+    def check(self, config: RunConfig, settings: Settings) -> None:
+        if not self.member.spherical:
+            raise RunError(
+                f"--output {config.output} needs a spherical loss; {config.loss_spec()} is not "
+                "spherical (it does not depend on the outputs through (s, q, o_c) only)"
+            )
+
+    def log_prob(self, out: Tensor, target: Tensor) -> Tensor | None:
+        if not self.member.has_probabilities:
+            return None
+        return self.crit.log_prob(out, target)
+
+    def topk(self, out: Tensor, k: int) -> Tensor:
+        # In chunks of classes (O(D·d) time, bounded memory); by the member's probabilities
+        # where it defines them, as the dense head ranks.
+        by = "probability" if self.member.has_probabilities else "logit"
+        return self.crit.topk(out, k, by=by)[1]
+
+
+class FactoredHead(_SphericalHead):
     """:class:`~spherical_losses.FactoredSphericalLoss` on the features, trained by
     :class:`~spherical_losses.FactoredSGD` in ``O(d²)`` per example."""
 
     name = "factored"
 
     def check(self, config: RunConfig, settings: Settings) -> None:
-        if not self.member.spherical:
+        super().check(config, settings)
+        if config.optimizer != "sgd":
             raise RunError(
-                f"--output factored needs a spherical loss; {config.loss_spec()} is not spherical "
-                "(it does not depend on the outputs through (s, q, o_c) only)"
+                f"--output factored trains the output layer with its own plain SGD "
+                f"(FactoredSGD), not --optimizer {config.optimizer}; use --output linear for "
+                f"an output layer trained by {config.optimizer}"
             )
         if settings.momentum:
             raise RunError(
@@ -157,17 +193,6 @@ class FactoredHead(OutputHead):
         loss = self.crit(out, target)
         return loss * len(target) if reduction == "sum" else loss
 
-    def log_prob(self, out: Tensor, target: Tensor) -> Tensor | None:
-        if not self.member.has_probabilities:
-            return None
-        return self.crit.log_prob(out, target)
-
-    def topk(self, out: Tensor, k: int) -> Tensor:
-        # In chunks of classes (O(D·d) time, bounded memory); by the member's probabilities
-        # where it defines them, as the dense head ranks.
-        by = "probability" if self.member.has_probabilities else "logit"
-        return self.crit.topk(out, k, by=by)[1]
-
     def state_dict(self) -> dict[str, Any]:
         return self.crit.state_dict()
 
@@ -175,5 +200,34 @@ class FactoredHead(OutputHead):
         self.crit.load_state_dict(state)
 
 
+class LinearHead(_SphericalHead):
+    """:class:`~spherical_losses.LinearSphericalLoss` on the features: the loss and its exact
+    gradient from ``WᵀW`` without the logits, so that the network's optimizer (any) trains the
+    layer. The layer is in the network (its optimizer, clipping, DDP and checkpoint)."""
+
+    name = "linear"
+    applied = False
+
+    def attach(
+        self, linear: nn.Linear, device: torch.device, dtype: torch.dtype
+    ) -> LinearSphericalLoss:
+        # Made on the meta device, then given the dense initialization itself: no new weights
+        # drawn, so the random stream (dropout) is the dense run's.
+        crit = LinearSphericalLoss(
+            linear.in_features, linear.out_features, self.member, bias=True, device="meta"
+        )
+        crit.linear = linear
+        self.crit = crit
+        return crit
+
+    def loss(self, out: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        layer = self.crit.linear
+        return linear_spherical_loss(
+            out, layer.weight, target, self.member, linear_bias=layer.bias, reduction=reduction
+        )
+
+
 #: The output heads by ``--output`` name.
-HEADS: dict[str, type[OutputHead]] = {head.name: head for head in (DenseHead, FactoredHead)}
+HEADS: dict[str, type[OutputHead]] = {
+    head.name: head for head in (DenseHead, LinearHead, FactoredHead)
+}

@@ -14,10 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+
 from .. import family
 from .tasks import PROFILES, Settings, model_options, task_names
 
 __all__ = [
+    "OPTIMIZERS",
+    "Optimizer",
     "RunConfig",
     "RunError",
     "add_run_options",
@@ -68,6 +72,50 @@ def _head(name: str) -> Any:
     return HEADS[name]
 
 
+@dataclass(frozen=True)
+class Optimizer:
+    """An ``--optimizer`` choice: what trains the network's parameters (the output layer's
+    too, but for the factored head, which brings its own).
+
+    ``replaces``: the profile's settings it does not use, with the values it runs with (the
+    profiles' learning rates and momentum are SGD's).
+    """
+
+    build: Callable[[Any, Settings], torch.optim.Optimizer]  # (parameters, settings)
+    replaces: dict[str, Any]
+
+
+def _sgd(params: Any, settings: Settings) -> torch.optim.Optimizer:
+    # weight decay as L2: weight_decay · w added to the gradient (scaled by lr, momentum)
+    return torch.optim.SGD(
+        params, settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def _adamw(params: Any, settings: Settings) -> torch.optim.Optimizer:
+    # torch.optim.AdamW's decoupled weight decay: each step multiplies the weights by
+    # 1 − lr · weight_decay, apart from the adaptive gradient step (betas (0.9, 0.999), eps
+    # 1e-8). The setting's weight decay (0 in the language-model profiles), not AdamW's 0.01.
+    return torch.optim.AdamW(params, settings.lr, weight_decay=settings.weight_decay)
+
+
+#: The optimizers by ``--optimizer`` name; ``sgd`` (the default) is what every profile was
+#: made for. AdamW starts from its usual learning rate 1e-3 (the profiles' are SGD's: 20 for
+#: the LSTM) and has no momentum setting (its β₁ is 0.9).
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer(_sgd, {}),
+    "adamw": Optimizer(_adamw, {"lr": 1e-3, "momentum": 0.0}),
+}
+
+
+def _optimizer(name: str) -> Optimizer:
+    if name not in OPTIMIZERS:
+        raise RunError(
+            f"--optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}"
+        )
+    return OPTIMIZERS[name]
+
+
 @dataclass
 class RunConfig:
     """What one run is: the task, the loss, the seed, and overrides of the profile.
@@ -85,8 +133,15 @@ class RunConfig:
     seed: int = _option(0, type=int, commands=("train", "tune"))
     profile: str = _option("cpu", choices=lambda: sorted(PROFILES))
     output: str = _option(
-        "dense", choices=_heads, help="output layer: nn.Linear, or the exact O(d²) factored layer"
-    )
+        "dense", choices=_heads,
+        help="output layer: nn.Linear (dense); the loss from WᵀW without the logits, for a "
+        "spherical loss (linear); or the exact O(d²) SGD layer (factored)",
+    )  # fmt: skip
+    optimizer: str = _option(
+        "sgd", choices=lambda: tuple(OPTIMIZERS),
+        help="sgd (the profile's momentum, weight decay as L2) or adamw (lr 1e-3 unless given "
+        "or tuned, decoupled weight decay)",
+    )  # fmt: skip
     out: str = _option("runs", help="where run directories go (default: runs)")
     data_dir: str | None = _option(
         None, help="data folder (default: $SPHERICAL_LOSSES_DATA, else ~/.cache/spherical_losses)"
@@ -107,6 +162,10 @@ class RunConfig:
     clip: float | None = _option(
         None, type=float, bound=(">=", 0, " (0: no clipping)"), setting=True,
         help="gradient-norm clipping (0: none)",
+    )  # fmt: skip
+    weight_decay: float | None = _option(
+        None, type=float, bound=(">=", 0, ""), setting=True,
+        help="weight decay (sgd: L2 in the gradient; adamw: decoupled)",
     )  # fmt: skip
     train_limit: int | None = _option(
         None, type=int, bound=(">=", 1, ""), setting=True,
@@ -175,17 +234,27 @@ class RunConfig:
         member = family.get_member(self.loss, **loss_options)  # a bad loss or option fails here
         settings = base.replace(**changes)
         _head(self.output)(member).check(self, settings)
+        self._check_optimizer(settings)
+        for name in _optimizer(self.optimizer).replaces:
+            sources.setdefault(name, f"--optimizer {self.optimizer}")
         for name in asdict(settings):
             sources.setdefault(name, f"profile {self.profile}")
         return Resolved(settings, loss_options, dict(sorted(sources.items())))
+
+    def _check_optimizer(self, settings: Settings) -> None:
+        if self.optimizer != "sgd" and settings.model.get("sparse"):
+            raise RunError(
+                f"--optimizer {self.optimizer} cannot train a sparse embedding (--model-opt "
+                "sparse=1 gives sparse gradients, which only SGD takes); drop sparse or use "
+                "--optimizer sgd"
+            )
 
     def _tuned_entry(self) -> tuple[dict[str, Any], Any] | None:
         from .tuned import entry_key, read_entry
 
         try:
-            return read_entry(
-                self.task, self.profile, entry_key(self.loss, self.output), self.tuned_dir
-            )
+            key = entry_key(self.loss, self.output, self.optimizer)
+            return read_entry(self.task, self.profile, key, self.tuned_dir)
         except ValueError as error:
             raise RunError(f"{error}; fix it, or give --ignore-tuned") from None
 
@@ -211,13 +280,14 @@ class Resolved:
 
 
 def profile_settings(config: RunConfig) -> Settings:
+    """The profile's settings for the task, with the optimizer's own where it replaces them."""
     if config.profile not in PROFILES:
         raise RunError(f"unknown profile {config.profile!r}; expected one of {', '.join(PROFILES)}")
     profile = PROFILES[config.profile]
     base = profile.get(config.task, profile["ptb"] if config.task == "text" else None)
     if base is None:
         raise RunError(f"unknown task {config.task!r}")
-    return base
+    return base.replace(**_optimizer(config.optimizer).replaces)
 
 
 def _check_bound(name: str, value: Any, bound: tuple[str, float, str] | None) -> None:

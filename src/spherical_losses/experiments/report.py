@@ -90,7 +90,10 @@ def write_report(results_dir: Path, to: Path | None = None) -> tuple[Path, Path]
     to.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        key = (run["task"], run["profile"], run["loss_spec"], run["output"])
+        # (runs made before --optimizer trained with SGD)
+        optimizer = run.get("optimizer", "sgd")
+        output = run["output"] if optimizer == "sgd" else f"{run['output']}, {optimizer}"
+        key = (run["task"], run["profile"], run["loss_spec"], output)
         groups[key].append(run)
 
     rows = []
@@ -204,7 +207,7 @@ def _plots(groups: dict[tuple[str, str, str, str], list[dict[str, Any]]], to: Pa
         for (t, _profile, spec, output), members in sorted(groups.items()):
             if t != task:
                 continue
-            label = spec + (" (factored)" if output == "factored" else "")
+            label = spec + (f" ({output})" if output != "dense" else "")
             curves = [
                 [row.get(metric) for row in m["history"] if isinstance(row.get(metric), float)]
                 for m in members

@@ -2,14 +2,15 @@
 
 A run lives in its own directory::
 
-    <out>/<task>/<loss>[-factored]/seed-<N>/
+    <out>/<task>/<loss>[-<output>][-<optimizer>]/seed-<N>/
         config.json      what was asked for, with the resolved settings
         metrics.csv      one row per finished epoch
         checkpoint.pt    written atomically after every epoch (``--resume`` continues from it)
         final.json       written last, atomically: the run is finished when it exists
 
-Checkpoints hold only tensors, numbers, strings, lists and dicts, and are read with
-``torch.load(..., weights_only=True)``: a tampered run folder cannot run code.
+(``-<output>`` and ``-<optimizer>`` where not ``dense`` and ``sgd``.) Checkpoints hold only
+tensors, numbers, strings, lists and dicts, and are read with ``torch.load(...,
+weights_only=True)``: a tampered run folder cannot run code.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from .options import RunConfig, RunError
+from .tuned import run_name
 
 __all__ = ["RunFolder", "check_same_run", "run_dir", "run_record"]
 
@@ -36,6 +38,7 @@ _IDENTITY = (
     "seed",
     "profile",
     "output",
+    "optimizer",
     "head_lr",
     "vocab_size",
     "dtype",
@@ -45,13 +48,14 @@ _IDENTITY = (
 )
 # (not in the config.json of runs made before tuned settings existed: not compared there)
 _ADDED_LATER = ("resolved_loss_options",)
+# What a run made before a key existed had: every run before --optimizer trained with SGD.
+_BEFORE = {"optimizer": "sgd"}
 
 
 def run_dir(config: RunConfig) -> Path:
     spec = config.loss_spec().replace("(", "_").replace(")", "").replace(",", "_")
-    if config.output != "dense":
-        spec += f"-{config.output}"
-    return Path(config.out) / config.task / spec / f"seed-{config.seed}"
+    name = run_name(spec, config.output, config.optimizer)
+    return Path(config.out) / config.task / name / f"seed-{config.seed}"
 
 
 def run_record(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def check_same_run(folder: Path, record: dict[str, Any]) -> None:
     for key in _IDENTITY:
         if key in _ADDED_LATER and key not in saved:
             continue
-        old, new = saved.get(key), now.get(key)
+        old, new = saved.get(key, _BEFORE.get(key)), now.get(key)
         if key == "settings" and isinstance(old, dict) and isinstance(new, dict):
             differences += [
                 f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"

@@ -25,7 +25,7 @@ from torch import nn
 from .. import family
 from ..factored import NonFiniteUpdateError
 from .heads import HEADS, Net, OutputHead
-from .options import Resolved, RunConfig, RunError
+from .options import OPTIMIZERS, Resolved, RunConfig, RunError
 from .runs import RunFolder, run_dir, run_record
 from .tasks import Settings, Task, make_task
 
@@ -156,10 +156,9 @@ def build(
     body = task.build_body(settings)
     linear = nn.Linear(body.features, task.num_classes)
     layer = head.attach(linear, device, dtype)
-    net = Net(body, layer, task.recurrent).to(device, dtype)
-    params = dict(momentum=settings.momentum, weight_decay=settings.weight_decay)
+    net = Net(body, layer, task.recurrent, head.applied).to(device, dtype)
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.SGD(net.parameters(), settings.lr, **params)
+        OPTIMIZERS[config.optimizer].build(net.parameters(), settings)
     ]
     head_lr = settings.lr if config.head_lr is None else config.head_lr
     optimizers += head.optimizers(settings, head_lr, dist.group.WORLD if world > 1 else None)
@@ -342,6 +341,7 @@ def final_record(
         "lr": resolved.settings.lr,
         "tuned": any(v.startswith("tuned") for v in resolved.sources.values()),
         "output": config.output,
+        "optimizer": config.optimizer,
         "seed": config.seed,
         "profile": config.profile,
         "epochs": resolved.settings.epochs,

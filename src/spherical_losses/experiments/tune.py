@@ -10,12 +10,12 @@ trial whose validation metric is worse than the median of the earlier trials at 
 epoch is stopped there (``MedianPruner``).
 
 The search: the learning rate on a log scale over four decades, from 1/1000 to 10 times the
-profile's (:data:`LR_RANGE`; the members differ in curvature by orders of magnitude, and the
-range must hold each one's best setting inside it: a best setting within a factor
-:data:`EDGE_FACTOR` of either end is flagged, in the tuned file and on stderr), and each
-member's own options (:data:`MEMBER_SPACES`); an option given with ``--loss-opt`` (or ``--lr``)
-is fixed instead. The selected settings go to the tuned file (:mod:`.tuned`) that ``train``
-and ``compare`` read.
+profile's (AdamW's 1e-3 under ``--optimizer adamw``) (:data:`LR_RANGE`; the members differ in
+curvature by orders of magnitude, and the range must hold each one's best setting inside it:
+a best setting within a factor :data:`EDGE_FACTOR` of either end is flagged, in the tuned file
+and on stderr), and each member's own options (:data:`MEMBER_SPACES`); an option given with
+``--loss-opt`` (or ``--lr``) is fixed instead. The selected settings go to the tuned file
+(:mod:`.tuned`) that ``train`` and ``compare`` read.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def tune(config: RunConfig, trials: int, storage: str | None = None) -> dict[str
     # The search starts from the profile, whatever a tuned file holds.
     config = replace(config, ignore_tuned=True)
     settings = config.settings()  # (checks every option)
-    key = entry_key(config.loss, config.output)
+    key = entry_key(config.loss, config.output, config.optimizer)
     folder = Path(config.out) / "tune" / f"{config.task}-{config.profile}"
     from .data import resolve_data_dir
 

@@ -7,7 +7,8 @@ folder (shipped with it) or in ``--tuned-dir``::
      "losses": {"spherical": {"lr": 0.002, "loss_options": {"eps": 0.01},
                               "metric": "valid_error", "value": 1.9, ...}, ...}}
 
-A loss trained with ``--output factored`` has its own entry, ``<loss>-factored``. Only a real
+A loss trained with ``--output factored`` has its own entry, ``<loss>-factored``, and one
+trained with ``--optimizer adamw`` too (``<loss>-adamw``, ``<loss>-linear-adamw``). Only a real
 tune writes these files.
 """
 
@@ -35,8 +36,15 @@ def tuned_path(task: str, profile: str, tuned_dir: str | os.PathLike[str] | None
     return Path(folder) / f"{task}-{profile}.json"
 
 
-def entry_key(loss: str, output: str = "dense") -> str:
-    return loss if output == "dense" else f"{loss}-{output}"
+def entry_key(loss: str, output: str = "dense", optimizer: str = "sgd") -> str:
+    """``<loss>[-<output>][-<optimizer>]``: the output and optimizer where not the default."""
+    return run_name(loss, output, optimizer)
+
+
+def run_name(spec: str, output: str, optimizer: str) -> str:
+    """``spec``, with ``-<output>`` and ``-<optimizer>`` where not ``dense`` and ``sgd``."""
+    chosen = [v for v, default in ((output, "dense"), (optimizer, "sgd")) if v != default]
+    return "-".join([spec, *chosen])
 
 
 def _read(path: Path) -> dict[str, Any]:
