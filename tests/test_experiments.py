@@ -352,6 +352,28 @@ def test_factored_output_divergence_stops_the_run(text_dir: Path, tmp_path: Path
     assert final["diverged_at_epoch"] == 1 and final["epochs_run"] == 1
 
 
+def test_sync_free_factored_divergence_is_reported_by_the_epoch(
+    text_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a GPU, where the step reads nothing back: a non-finite update is skipped on the
+    # device and reported by the deferred check, which the epoch runs at its end at the latest
+    # (its steps are fewer than check_every).
+    init = sl.FactoredSGD.__init__
+
+    def sync_free(self: sl.FactoredSGD, *args: object, **kwargs: object) -> None:
+        init(self, *args, **{**kwargs, "sync_free": True, "check_every": 0})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sl.FactoredSGD, "__init__", sync_free)
+    code = cli.main([
+        "train", "--task", "text", "--data-dir", str(text_dir), "--out", str(tmp_path),
+        "--loss", "taylor", "--output", "factored", "--lr", "1e30", "--epochs", "2",
+        "--batch-size", "4", "--model-opt", "hidden=16", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    final = json.loads((tmp_path / "text/taylor-factored/seed-0/final.json").read_text())
+    assert final["diverged_at_epoch"] == 1 and final["epochs_run"] == 1
+
+
 def _write_finished(root: Path, loss: str, errors: list[float]) -> None:
     for seed, err in enumerate(errors):
         folder = root / "mnist" / loss / f"seed-{seed}"

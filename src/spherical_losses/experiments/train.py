@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import family
-from ..factored import NonFiniteUpdateError
+from ..factored import FactoredSGD, NonFiniteUpdateError
 from .heads import HEADS, Net, OutputHead
 from .options import OPTIMIZERS, Resolved, RunConfig, RunError
 from .runs import RunFolder, run_dir, run_record
@@ -262,6 +262,12 @@ def train_epoch(
         if not quiet and count % 20 == 0:
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{total / count:.4f}", per_s=f"{rate:,.0f}")
+    try:  # a sync-free factored step (on a GPU) checks its updates later: at the latest here
+        for o in parts.optimizers:
+            if isinstance(o, FactoredSGD):
+                o.check()
+    except NonFiniteUpdateError:
+        total = math.nan
     if count == 0:
         raise RunError("the training set is smaller than one batch")
     if world > 1:  # the epoch's loss over every process's batches (nan if any diverged)
