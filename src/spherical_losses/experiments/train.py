@@ -79,8 +79,10 @@ def train(
                 row.update(evaluate(task, parts.net, parts.head, settings, split, device))
         history.append(row)
         if rank == 0:
-            run.save_checkpoint(checkpoint_state(config, parts, history))
+            # The metrics first: a checkpoint always has its epoch's row beside it (a kill in
+            # between leaves a row that a resume writes again from the checkpoint's history).
             run.write_metrics(history)
+            run.save_checkpoint(checkpoint_state(config, parts, history))
             if not quiet:
                 shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("valid", "test"))}
                 print(f"epoch {epoch + 1}/{settings.epochs} {shown}", flush=True)
