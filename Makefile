@@ -8,11 +8,14 @@ PY := $(VENV)/bin/python
 # an unpinned torch pulls a newer CUDA build). TORCH may add pip options, e.g.
 # TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU build.
 TORCH ?= torch==2.13.0
+# Triton for the tests, which run the CUDA kernels through its interpreter on the CPU: pinned to
+# the version the lent GPU machines have (3.6.0), which runs them compiled. Empty: none.
+TRITON ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),triton==3.6.0)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH) $(TRITON)
 	$(PY) -m pip install --quiet -e ".[experiments,dev]"
 	touch $@
 

@@ -8,7 +8,8 @@ that define probabilities, class probabilities of the input's shape).
 The spherical members run on one engine: ``(s, q, o_c)`` are read from the logits in one pass,
 the member gives the per-example loss and ``(α, β, γ)`` in closed form, and the backward is
 ``∂L/∂o = α·1 + 2β·o + γ·e_c``, a single pass that writes the gradient (no ``exp``, no saved
-``(N, C)`` activations).
+``(N, C)`` activations). On CUDA, with Triton, each pass is one fused kernel that reads the
+logits in their own dtype (:mod:`._kernels`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _conventions as conventions
+from . import _kernels as kernels
 from . import family
 from .family import Member, SphericalMember, compute_dtype
 
@@ -45,9 +47,11 @@ class _SphericalLossFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         input: Tensor, target: Tensor, valid: Tensor, member: SphericalMember
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o = input.to(compute_dtype(input.dtype))
-        s, q, oc = family.statistics(o, target)
-        loss, alpha, beta, gamma = member.loss_and_partials(s, q, oc, o.shape[-1])
+        if kernels.enabled(input):  # (CUDA: one read of the logits in their own dtype)
+            s, q, oc = kernels.statistics(input, target)
+        else:
+            s, q, oc = family.statistics(input.to(compute_dtype(input.dtype)), target)
+        loss, alpha, beta, gamma = member.loss_and_partials(s, q, oc, input.shape[-1])
         # A non-finite output makes s non-finite, and s − s NaN: the loss and gradient are NaN
         # there, as for F.cross_entropy, rather than whatever the member's formula makes of it.
         nan = s - s
@@ -78,6 +82,9 @@ class _SphericalLossFunction(torch.autograd.Function):
             # backward, traced once with grad mode off, reads the saved partials.)
             return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
         g = torch.where(valid, grad_loss + nan, 0.0)
+        if kernels.enabled(input):  # (CUDA: the gradient written in one pass, in input's dtype)
+            a = alpha * g if ctx.member.uses_sum else None
+            return kernels.gradient(input, target, a, 2.0 * beta * g, gamma * g), None, None, None
         o = input.to(compute_dtype(input.dtype))
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)

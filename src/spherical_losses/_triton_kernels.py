@@ -1,0 +1,120 @@
+"""The Triton kernels behind :mod:`._kernels` (imported only where Triton is installed).
+
+Both kernels take rows of logits with unit column stride and any row stride, and index rows in
+int64 (``N·C`` may pass 2³¹). Block shapes are chosen from ``(N, C)`` so that each program
+reads about 4,096 values per iteration, and the statistics split long rows over several
+programs when there are too few rows to fill the GPU (the partial sums are added afterwards, in
+a fixed order: the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TILE = 4096  # values per program and iteration
+_MAX_BLOCK_C = 1024
+_PROGRAMS_PER_PROCESSOR = 4
+
+
+@triton.jit
+def _statistics_kernel(
+    x_ptr, t_ptr, partial_ptr, oc_ptr, N, C, stride,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ITERATIONS: tl.constexpr,
+):  # fmt: skip
+    # (The loop's length is a constant of the compiled kernel: one kernel per (C, splits) in
+    # use, and Triton's interpreter runs it, which it does not for a length given at run time.)
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    acc_ty = oc_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    base = rows.to(tl.int64) * stride
+    s = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+    q = tl.zeros((BLOCK_M, BLOCK_C), dtype=acc_ty)
+    first = split * (ITERATIONS * BLOCK_C)
+    for iteration in range(ITERATIONS):
+        cols = first + iteration * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_ty)
+        s += x
+        q += x * x
+    out = split * N + rows
+    tl.store(partial_ptr + out, tl.sum(s, axis=1), mask=row_ok)
+    tl.store(partial_ptr + tl.num_programs(1) * N + out, tl.sum(q, axis=1), mask=row_ok)
+    # o_c, by the first split only; a target outside [0, C) gives NaN, not a stray read.
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0)
+    inside = (t >= 0) & (t < C)
+    oc = tl.load(x_ptr + base + t, mask=row_ok & inside & (split == 0), other=0.0).to(acc_ty)
+    oc = tl.where(inside, oc, float("nan"))
+    tl.store(oc_ptr + rows, oc, mask=row_ok & (split == 0))
+
+
+@triton.jit
+def _gradient_kernel(
+    x_ptr, t_ptr, a_ptr, b_ptr, g_ptr, out_ptr, N, C, stride_x, stride_out,
+    HAS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    acc_ty = b_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
+    grad = x.to(acc_ty) * b[:, None]
+    if HAS_A:
+        a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
+        grad += a[:, None]
+    t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    grad += tl.where(cols[None, :] == t[:, None], g[:, None], 0.0)
+    out = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(n: int, c: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+    block_m = min(max(1, _TILE // block_c), triton.next_power_of_2(n))
+    return block_c, block_m
+
+
+def statistics_blocks(n: int, c: int, processors: int) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_M, splits)`` for the statistics of ``(n, c)`` logits."""
+    block_c, block_m = _blocks(n, c)
+    programs = triton.cdiv(n, block_m)
+    wanted = _PROGRAMS_PER_PROCESSOR * processors
+    splits = 1
+    if programs < wanted:
+        splits = max(1, min(triton.cdiv(c, block_c), wanted // programs))
+    return block_c, block_m, splits
+
+
+def launch_statistics(
+    x: Tensor, target: Tensor, partial: Tensor, oc: Tensor, block_m: int, block_c: int,
+    splits: int,
+) -> None:  # fmt: skip
+    n, c = x.shape
+    # Each split reads ITERATIONS blocks of columns (the last split may read fewer).
+    iterations = triton.cdiv(triton.cdiv(c, splits), block_c)
+    grid = (triton.cdiv(n, block_m), splits)
+    _statistics_kernel[grid](
+        x, target, partial, oc, n, c, x.stride(0),
+        BLOCK_M=block_m, BLOCK_C=block_c, ITERATIONS=iterations, num_warps=4,
+    )  # fmt: skip
+
+
+def launch_gradient(
+    x: Tensor, target: Tensor, a: Tensor | None, b: Tensor, g: Tensor, out: Tensor
+) -> None:
+    n, c = x.shape
+    block_c, block_m = _blocks(n, c)
+    grid = (triton.cdiv(n, block_m), triton.cdiv(c, block_c))
+    _gradient_kernel[grid](
+        x, target, b if a is None else a, b, g, out, n, c, x.stride(0), out.stride(0),
+        HAS_A=a is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
