@@ -94,23 +94,34 @@ def test_gradient_matches_float64(n: int, c: int, dtype: torch.dtype, constant: 
     x = wide[:, :c]  # a row stride that is not C
     target = torch.randint(0, c, (n,), device=DEVICE)
     acc = F64 if dtype == F64 else torch.float32
-    a, b, g = (torch.randn(n, dtype=acc, device=DEVICE) for _ in range(3))
-    out = _kernels.gradient(x, target, a if constant else None, b, g)
+    up, a, b, g = (torch.randn(n, dtype=acc, device=DEVICE) for _ in range(4))
+    valid = torch.rand(n, device=DEVICE) < 0.8
+    nan = torch.zeros(n, dtype=acc, device=DEVICE)
+    nan[-1] = float("nan")  # a row whose output was not finite
+    out = _kernels.gradient(x, target, valid, up.to(dtype), nan, a if constant else None, b, g)
     assert out.dtype == dtype and out.shape == (n, c) and out.is_contiguous()
-    ref = b.double()[:, None] * x.double() + (a.double()[:, None] if constant else 0.0)
+    kept = torch.where(valid, up.to(dtype).double() + nan.double(), 0.0)[:, None]
+    ref = 2.0 * b.double()[:, None] * x.double() + (a.double()[:, None] if constant else 0.0)
     ref[torch.arange(n), target] += g.double()
-    # float64: exact but for the rounding of one fused multiply-add; otherwise the rounding
-    # of the result to the logits' dtype.
+    ref = kept * ref
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out[~valid].eq(0).all()
+    # float64: exact but for the rounding of a fused multiply-add; otherwise the rounding of
+    # the result to the logits' dtype.
     tol = {F64: 1e-15, torch.float32: 1e-7, torch.bfloat16: 4e-3}[dtype]
-    assert rel(out, ref) <= tol
+    finite = ref.isfinite()
+    assert rel(out[finite], ref[finite]) <= tol
 
 
-def test_gradient_broadcasts_scalar_coefficients() -> None:
+def test_gradient_reads_scalars_broadcast() -> None:
     x = logits(5, 12)
     target = torch.arange(5, device=DEVICE)
-    zero, two = torch.zeros((), dtype=F64, device=DEVICE), torch.full((), 2.0, dtype=F64)
-    out = _kernels.gradient(x, target, None, two.to(DEVICE), zero)
+    valid = torch.ones(5, dtype=torch.bool, device=DEVICE)
+    zero, one = (torch.full((), v, dtype=F64, device=DEVICE) for v in (0.0, 1.0))
+    out = _kernels.gradient(x, target, valid, one, zero, None, one, zero)
     assert rel(out, 2.0 * x) == 0
+    out = _kernels.gradient(x, target, valid, 3.0 * one, zero, one, zero, one)
+    assert rel(out, 3.0 * (1.0 + torch.eye(5, 12, dtype=F64, device=DEVICE))) == 0
 
 
 def engine(x, target, name, options, kernels_on, **conventions):

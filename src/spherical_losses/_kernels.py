@@ -84,19 +84,39 @@ def statistics(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s, q, oc
 
 
-def gradient(input: Tensor, target: Tensor, a: Tensor | None, b: Tensor, g: Tensor) -> Tensor:
-    """``a_i + b_i·o_ik + g_i·[k = c_i]`` for every row ``i`` and class ``k``, in one pass over
-    the logits ``input``, written in their dtype (``a`` ``None``: no constant term). ``a``,
-    ``b``, ``g`` broadcast to ``(N,)``.
+def gradient(
+    input: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    upstream: Tensor,
+    nan: Tensor,
+    alpha: Tensor | None,
+    beta: Tensor,
+    gamma: Tensor,
+) -> Tensor:
+    """``g_i·(α_i + 2β_i·o_ik + γ_i·[k = c_i])`` for every row ``i`` and class ``k``, in one
+    pass over the logits ``input``, written in their dtype; ``g_i`` is the ``upstream``
+    gradient plus ``nan`` (0, or NaN where a row's output is not finite) where ``valid``, else
+    0. ``alpha`` ``None``: no constant term. The per-row tensors broadcast to ``(N,)`` (no copy
+    is made of a scalar); ``nan`` and the partials are in the accumulation dtype.
     """
     kernels = _triton_kernels()
     assert kernels is not None
     n, c = input.shape
-    acc = _accumulator(input.dtype)
 
     def rows(t: Tensor) -> Tensor:
-        return torch.broadcast_to(t.to(acc), (n,)).contiguous()
+        return torch.broadcast_to(t, (n,))
 
     out = torch.empty((n, c), dtype=input.dtype, device=input.device)
-    kernels.launch_gradient(input, target, None if a is None else rows(a), rows(b), rows(g), out)
+    kernels.launch_gradient(
+        input,
+        target,
+        valid,
+        rows(upstream),
+        rows(nan),
+        None if alpha is None else rows(alpha),
+        rows(beta),
+        rows(gamma),
+        out,
+    )
     return out

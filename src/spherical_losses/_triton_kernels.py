@@ -53,25 +53,29 @@ def _statistics_kernel(
 
 @triton.jit
 def _gradient_kernel(
-    x_ptr, t_ptr, a_ptr, b_ptr, g_ptr, out_ptr, N, C, stride_x, stride_out,
+    x_ptr, t_ptr, valid_ptr, up_ptr, up_stride, nan_ptr, a_ptr, a_stride, b_ptr, b_stride,
+    g_ptr, g_stride, out_ptr, N, C, stride_x, stride_out,
     HAS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    acc_ty = b_ptr.dtype.element_ty
+    acc_ty = nan_ptr.dtype.element_ty
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols < C)[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
+    # The upstream gradient of each row: 0 where ignored, NaN where an output is not finite.
+    valid = tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0
+    up = tl.load(up_ptr + rows * up_stride, mask=row_ok, other=0.0).to(acc_ty)
+    up = tl.where(valid, up + tl.load(nan_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    b = 2.0 * tl.load(b_ptr + rows * b_stride, mask=row_ok, other=0.0) * up
     grad = x.to(acc_ty) * b[:, None]
     if HAS_A:
-        a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
-        grad += a[:, None]
+        grad += (tl.load(a_ptr + rows * a_stride, mask=row_ok, other=0.0) * up)[:, None]
     t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows * g_stride, mask=row_ok, other=0.0) * up
     grad += tl.where(cols[None, :] == t[:, None], g[:, None], 0.0)
     out = out_ptr + rows64[:, None] * stride_out + cols[None, :]
     tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
@@ -109,12 +113,18 @@ def launch_statistics(
 
 
 def launch_gradient(
-    x: Tensor, target: Tensor, a: Tensor | None, b: Tensor, g: Tensor, out: Tensor
-) -> None:
+    x: Tensor, target: Tensor, valid: Tensor, upstream: Tensor, nan: Tensor,
+    alpha: Tensor | None, beta: Tensor, gamma: Tensor, out: Tensor,
+) -> None:  # fmt: skip
+    """Each of ``upstream``, ``alpha``, ``beta``, ``gamma``: ``(N,)`` or a broadcast view of it
+    (stride 0), in float32 (float64 for float64 logits) but ``upstream``, in any dtype.
+    """
     n, c = x.shape
     block_c, block_m = _blocks(n, c)
     grid = (triton.cdiv(n, block_m), triton.cdiv(c, block_c))
+    a = beta if alpha is None else alpha
     _gradient_kernel[grid](
-        x, target, b if a is None else a, b, g, out, n, c, x.stride(0), out.stride(0),
-        HAS_A=a is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+        x, target, valid, upstream, upstream.stride(0), nan, a, a.stride(0), beta,
+        beta.stride(0), gamma, gamma.stride(0), out, n, c, x.stride(0), out.stride(0),
+        HAS_A=alpha is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip

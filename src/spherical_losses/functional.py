@@ -81,10 +81,11 @@ class _SphericalLossFunction(torch.autograd.Function):
             # differentiable operations, so that it can be differentiated itself. (A compiled
             # backward, traced once with grad mode off, reads the saved partials.)
             return _differentiable_gradient(input, target, valid, ctx.member, grad_loss)
-        g = torch.where(valid, grad_loss + nan, 0.0)
         if kernels.enabled(input):  # (CUDA: the gradient written in one pass, in input's dtype)
-            a = alpha * g if ctx.member.uses_sum else None
-            return kernels.gradient(input, target, a, 2.0 * beta * g, gamma * g), None, None, None
+            a = alpha if ctx.member.uses_sum else None
+            grad = kernels.gradient(input, target, valid, grad_loss, nan, a, beta, gamma)
+            return grad, None, None, None
+        g = torch.where(valid, grad_loss + nan, 0.0)
         o = input.to(compute_dtype(input.dtype))
         # ∂L/∂o = α·1 + 2β·o + γ·e_c, written in one pass over o.
         # (torch.addcmul with two broadcast operands is much slower than mul + add_.)
