@@ -230,3 +230,19 @@ def test_disabled_off_cuda_without_the_interpreter_flag(monkeypatch) -> None:
     monkeypatch.setattr(_kernels, "INTERPRET_ON_CPU", False)
     assert not _kernels.enabled(torch.randn(3, 8))
     assert functional.kernels is _kernels  # (the engine reads the same switch)
+
+
+# (At large ξ, sinh² overflows to inf in both, as intended; the interpreter warns about it.)
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@pytest.mark.parametrize("num_classes", [3, 10, 1000, 793_471])
+def test_optimal_xi_kernel_matches_the_reference(monkeypatch, num_classes) -> None:
+    torch.manual_seed(num_classes)
+    # v = q − s²/D from 0 (the root at log(D − 1)) to far beyond
+    v = torch.cat([torch.zeros(3), 10.0 ** torch.linspace(-12, 12, 200)]).to(F64).to(DEVICE)
+    assert _kernels.optimal_xi_enabled(v)
+    xi = family._optimal_xi(v, num_classes)
+    monkeypatch.setenv("SPHERICAL_LOSSES_KERNELS", "0")
+    ref = family._optimal_xi(v, num_classes)  # the PyTorch operations, the same steps
+    # (sinh from exp in the kernel: a few units of rounding apart)
+    torch.testing.assert_close(xi, ref, rtol=1e-13, atol=0)
+    assert (xi[:3] == torch.log(torch.tensor(num_classes - 1.0, dtype=F64))).all()

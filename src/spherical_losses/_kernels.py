@@ -41,17 +41,36 @@ def _triton_kernels() -> ModuleType | None:
     return kernels
 
 
-def enabled(input: Tensor) -> bool:
-    """Whether the engine's passes over ``input`` (rows of logits) run as these kernels."""
+def _usable(t: Tensor) -> bool:
     if os.environ.get("SPHERICAL_LOSSES_KERNELS", "1") == "0":
         return False
-    if not (input.is_cuda or (INTERPRET_ON_CPU and input.device.type == "cpu")):
+    if not (t.is_cuda or (INTERPRET_ON_CPU and t.device.type == "cpu")):
         return False
-    if conventions.is_traced(input) or input.dtype not in _DTYPES:
+    return not conventions.is_traced(t) and _triton_kernels() is not None
+
+
+def enabled(input: Tensor) -> bool:
+    """Whether the engine's passes over ``input`` (rows of logits) run as these kernels."""
+    if input.dtype not in _DTYPES or input.dim() != 2 or input.stride(1) != 1:
         return False
-    if input.dim() != 2 or input.shape[0] == 0 or input.shape[1] == 0 or input.stride(1) != 1:
-        return False
-    return _triton_kernels() is not None
+    return input.shape[0] > 0 and input.shape[1] > 0 and _usable(input)
+
+
+def optimal_xi_enabled(v: Tensor) -> bool:
+    """Whether :func:`optimal_xi` takes ``v`` (float64, one value per example)."""
+    return v.dtype == torch.float64 and v.numel() > 0 and not v.requires_grad and _usable(v)
+
+
+def optimal_xi(v: Tensor, num_classes: int, iterations: int) -> Tensor:
+    """The softmax bound's optimal ξ for each ``v``, by ``iterations`` of the safeguarded
+    Newton iteration of :func:`.family._optimal_xi`, in one kernel (float64).
+    """
+    kernels = _triton_kernels()
+    assert kernels is not None
+    v = v.contiguous()
+    xi = torch.empty_like(v)
+    kernels.launch_optimal_xi(v, xi, num_classes, iterations)
+    return xi
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:

@@ -128,3 +128,48 @@ def launch_gradient(
         beta.stride(0), gamma, gamma.stride(0), out, n, c, x.stride(0), out.stride(0),
         HAS_A=alpha is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
+
+
+@triton.jit
+def _optimal_xi_kernel(
+    v_ptr, xi_ptr, N, D, ITERATIONS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # The safeguarded Newton iteration of family._optimal_xi, in float64, for BLOCK examples.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float64)
+    d = D.to(tl.float64)
+    c1 = 4.0 * (d - 1.0)
+    c2 = (d - 2.0) * (d - 2.0)
+    target = d * v
+    lo = tl.zeros_like(v) + tl.log(d - 1.0)
+    at_lo = target <= 0.0
+    # 2·asinh(sqrt(2 c2 / c1)), asinh(x) = log(x + sqrt(x² + 1))
+    r = tl.sqrt(2.0 * c2 / c1)
+    floor = 2.0 * tl.log(r + tl.sqrt(r * r + 1.0))
+    hi = tl.maximum(tl.sqrt(2.0 * target / c1), floor) + 1.0
+    xi = tl.where(at_lo, lo, hi)
+    for _ in range(ITERATIONS):
+        e = tl.exp(0.5 * xi)
+        sh = 0.5 * (e - 1.0 / e)
+        sh2 = sh * sh
+        inv_sh2 = 1.0 / sh2
+        bracket = c1 - c2 * inv_sh2
+        xi2 = xi * xi
+        g = xi2 * bracket - target
+        slope = 2.0 * xi * bracket + xi2 * c2 * inv_sh2 * tl.sqrt((1.0 + sh2) * inv_sh2)
+        above = g > 0.0
+        hi = tl.where(above, xi, hi)
+        lo = tl.where(above, lo, xi)
+        step = xi - g / slope
+        inside = (step >= lo) & (step <= hi)
+        xi = tl.where(at_lo, lo, tl.where(inside, step, 0.5 * (lo + hi)))
+    tl.store(xi_ptr + offs, xi, mask=ok)
+
+
+def launch_optimal_xi(v: Tensor, xi: Tensor, num_classes: int, iterations: int) -> None:
+    n = v.numel()
+    block = 256
+    _optimal_xi_kernel[(triton.cdiv(n, block),)](
+        v, xi, n, num_classes, ITERATIONS=iterations, BLOCK=block, num_warps=4
+    )

@@ -41,6 +41,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from . import _kernels as kernels
 from ._conventions import is_traced, reads_values
 
 
@@ -519,6 +520,9 @@ def _implicit_xi(xi: Tensor, v: Tensor, D: int) -> Tensor:
     return xi - (g - g.detach()) / slope.clamp(min=torch.finfo(slope.dtype).tiny)
 
 
+_XI_STEPS = 60  # Newton steps of _optimal_xi where it cannot stop early
+
+
 def _optimal_xi(v: Tensor, D: int) -> Tensor:
     """The ξ that minimizes the bound, for ``v = q − s²/D ≥ 0`` (float64 in and out).
 
@@ -537,12 +541,14 @@ def _optimal_xi(v: Tensor, D: int) -> Tensor:
     target = D * v
     if D == 2:  # G = 4ξ² − 2v
         return torch.sqrt(v / 2.0)
+    if kernels.optimal_xi_enabled(v):  # (CUDA: the same steps, fused in one kernel)
+        return kernels.optimal_xi(v, D, _XI_STEPS)
     lo = torch.full_like(v, math.log(D - 1.0))
     at_lo = target <= 0  # the root is log(D − 1) exactly
     hi = torch.sqrt(2.0 * target / c1).clamp(min=2.0 * math.asinh(math.sqrt(2.0 * c2 / c1))) + 1.0
     xi = torch.where(at_lo, lo, hi)
     early_exit = reads_values(v)
-    for _ in range(100 if early_exit else 60):
+    for _ in range(100 if early_exit else _XI_STEPS):
         sh2 = torch.square(torch.sinh(0.5 * xi))
         inv_sh2 = 1.0 / sh2
         bracket = c1 - c2 * inv_sh2
