@@ -9,7 +9,12 @@ One step is the forward and the backward to the input ``h`` (m × d) and to the 
 * ``linear_chunked``: the same with ``method="chunked"`` (the logits a block at a time);
 * ``dense``: ``sl.spherical_loss(F.linear(h, W), y, loss)``, the same loss from the logits;
 * ``linear_ce``: ``F.linear_cross_entropy`` (softmax cross-entropy), reference path;
-* ``linear_ce_chunked``: the same with ``options=nn.LinearCrossEntropyOptions()``.
+* ``linear_ce_chunked``: the same with ``options=nn.LinearCrossEntropyOptions()``;
+* ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``, and ``cce``: Cut
+  Cross-Entropy's ``linear_cross_entropy`` (GPU only, optional).
+
+Methods whose library is missing (``F.linear_cross_entropy`` before torch 2.12, Liger or Cut
+Cross-Entropy not installed) are skipped with a note under the table.
 
 With ``--lm``, a whole language model instead (embedding and a one-layer LSTM of width d, the
 output layer, AdamW on every parameter; ``m`` tokens per step in sequences of 128, from a
@@ -21,10 +26,13 @@ synthetic Zipf stream: speed only), in tokens per second, at D ∈ {100,000, 793
 * ``linear_ce``: chunked ``F.linear_cross_entropy``;
 * ``adaptive``: ``nn.AdaptiveLogSoftmaxWithLoss`` (cutoffs 2,000 / 10,000 / 50,000 below D).
 
-Each (method, size) runs in its own subprocess: a clean peak-memory figure (``ru_maxrss``, or on
-a GPU the allocator's peak, above the level after a tiny warm-up; it includes ``W``, its
-gradient and the inputs) and no allocator state shared between methods. A step's time is the
-median of ``--repeats`` steps after one warm-up step.
+On the CPU each (method, size) runs in its own subprocess: a clean peak-memory figure
+(``ru_maxrss`` above the level after a tiny warm-up; it includes ``W``, its gradient and the
+inputs) and no allocator state shared between methods. On a GPU (``--device cuda``) all run
+in one process (starting one costs seconds of device time): the peak is the allocator's
+(``torch.cuda.max_memory_allocated``) above what was allocated before the cell, which frees
+everything it made; ``--isolate`` restores the subprocesses. A step's time is the median of
+``--repeats`` steps after one warm-up step, each step ending with a synchronization.
 
 The table gives each method's time over the linear path's (``× linear``) and, on the dense
 row, the arithmetic model's ideal ratio ``3 m D d / (2 D d² + 2 m d²)`` (multiply-adds of the
@@ -45,12 +53,22 @@ The language model::
 
     python benchmarks/bench_linear.py --lm --out benchmarks/results/linear_lm_cpu.md
     python benchmarks/bench_linear.py --lm --sizes 512:3000:32 --repeats 1   # a smoke run
+
+On a GPU, the issue's whole grid (cells estimated above ``--memory-gb``, by default 72% of the
+GPU's memory, are skipped) and the language model::
+
+    python benchmarks/bench_linear.py --device cuda --repeats 3 \\
+        --out benchmarks/results/linear_gpu.md
+    python benchmarks/bench_linear.py --device cuda --lm --repeats 3 \\
+        --out benchmarks/results/linear_lm_gpu.md
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -70,8 +88,9 @@ from torch import nn
 import spherical_losses as sl
 from spherical_losses.linear import arithmetic_cost
 
-METHODS = ("linear", "linear_chunked", "dense", "linear_ce", "linear_ce_chunked")
+METHODS = ("linear", "linear_chunked", "dense", "linear_ce", "linear_ce_chunked", "liger", "cce")
 DEFAULT_METHODS = ("linear", "dense", "linear_ce", "linear_ce_chunked")
+GPU_METHODS = (*DEFAULT_METHODS, "liger", "cce")  # the default with --device cuda
 LM_METHODS = ("linear_taylor", "log_softmax", "linear_ce", "adaptive")
 LM_TOKENS, LM_D, LM_d = 4096, (100_000, 793_471), 512
 FULL_M = (1024, 4096, 16384)
@@ -88,6 +107,19 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     return sizes
 
 
+def unavailable(method: str, device: str) -> str | None:
+    """Why ``method`` cannot run here (a missing library), or None."""
+    if method in ("linear_ce", "linear_ce_chunked") and not hasattr(F, "linear_cross_entropy"):
+        return f"F.linear_cross_entropy does not exist in torch {torch.__version__}"
+    packages = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+    if method in packages:
+        if importlib.util.find_spec(packages[method]) is None:
+            return f"{packages[method]} is not installed"
+        if not device.startswith("cuda"):
+            return f"{packages[method]} runs on a GPU only"
+    return None
+
+
 def estimated_bytes(method: str, m: int, D: int, d: int) -> int:
     """A rough float32 peak of one step: the layer, its gradient, and the method's own."""
     layer = 2 * D * d + 2 * m * d
@@ -95,7 +127,7 @@ def estimated_bytes(method: str, m: int, D: int, d: int) -> int:
         own = 3 * m * D
     elif method == "linear_ce":  # logits, log-softmax and their gradient
         own = 4 * m * D
-    elif method == "linear_ce_chunked":  # precomputed gradients of W and h, chunk buffers
+    elif method in ("linear_ce_chunked", "liger", "cce"):  # gradients of W and h, chunks
         own = 2 * D * d + 2 * m * d
     elif method == "linear_chunked":
         own = 2 * (1 << 22)
@@ -130,6 +162,20 @@ def build_step(method: str, loss: str):
 
         def step(h, W, y):
             return F.linear_cross_entropy(h, W, y, options=options)
+
+    elif method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def step(h, W, y):
+            return liger(W, h, y)
+
+    elif method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def step(h, W, y):
+            return linear_cross_entropy(h, W, y)
 
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -181,7 +227,7 @@ def lm_step(method: str, tokens: int, D: int, d: int, device: torch.device, bptt
         head = nn.Linear(d, D, bias=False, device=device)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(LM_METHODS)}")
-    options = nn.LinearCrossEntropyOptions()
+    options = nn.LinearCrossEntropyOptions() if method == "linear_ce" else None
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
     batch = max(1, tokens // bptt)
     # A synthetic Zipf stream (p_k ∝ 1/(k+1), as word frequencies): speed only.
@@ -214,30 +260,30 @@ def lm_step(method: str, tokens: int, D: int, d: int, device: torch.device, bptt
     return run
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One method at one size; prints a JSON line."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace, method: str, m: int, D: int, d: int) -> dict:
+    """One method at one size: ``{"median_s", "peak_mb"}``."""
     device = torch.device(args.device)
     if args.lm:
 
         def make(m, D, d):
-            return lm_step(args.method, m, D, d, device, bptt=min(128, m))
+            return lm_step(method, m, D, d, device, bptt=min(128, m))
 
     else:
 
         def make(m, D, d):
-            return loss_step(args.method, args.loss, m, D, d, device)
+            return loss_step(method, args.loss, m, D, d, device)
 
     # The baseline includes what the method needs at any size (code paths, thread pools).
     make(8, 16, 4)()
     synchronize(device)
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step = make(args.m, args.D, args.d)
+    step = make(m, D, d)
     times = []
     for i in range(args.repeats + 1):
         synchronize(device)
@@ -250,7 +296,28 @@ def worker(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device) - baseline
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    print(json.dumps({"median_s": statistics.median(times), "peak_mb": peak / 2**20}))
+    return {"median_s": statistics.median(times), "peak_mb": peak / 2**20}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One method at one size, in a subprocess; prints a JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args, args.method, args.m, args.D, args.d)))
+
+
+def run_in_process(args: argparse.Namespace, method: str, m: int, D: int, d: int) -> dict:
+    """:func:`measure` here, its error (an out-of-memory one included) as the result."""
+    try:
+        return measure(args, method, m, D, d)
+    except Exception as e:  # the cell's error, in the table; the next cell goes on
+        lines = str(e).strip().splitlines()
+        return {"error": f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def run_one(args: argparse.Namespace, method: str, m: int, D: int, d: int) -> dict:
@@ -267,7 +334,8 @@ def run_one(args: argparse.Namespace, method: str, m: int, D: int, d: int) -> di
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -291,14 +359,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--loss", default="taylor")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     parser.add_argument(
         "--memory-gb",
         type=float,
-        default=0.8 * total,
-        help="skip cells estimated above this (default: 80%% of this machine's memory)",
+        help="skip cells estimated above this (default: 80%% of this machine's memory, "
+        "or on a GPU 72%% of its memory: 100 GiB of an H200)",
+    )
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        help="each cell in its own subprocess (default: on the CPU yes, on a GPU no)",
     )
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -307,6 +379,21 @@ def main(argv: list[str] | None = None) -> None:
         args.method = args.worker
         worker(args)
         return
+    began = time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit(
+            f"bench_linear.py: --device {args.device}, but no CUDA device is available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False)"
+        )
+    if args.memory_gb is None:
+        if cuda:
+            total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+            args.memory_gb = 0.72 * total / 2**30
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            args.memory_gb = 0.8 * total / 2**30
+    isolate = not cuda if args.isolate is None else args.isolate
 
     if args.sizes:
         sizes = parse_sizes(args.sizes)
@@ -315,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sizes = [(m, D, d) for D, d, m in itertools.product(FULL_D, FULL_d, FULL_M)]
     known = LM_METHODS if args.lm else METHODS
-    methods = (args.methods or ",".join(LM_METHODS if args.lm else DEFAULT_METHODS)).split(",")
+    default = LM_METHODS if args.lm else GPU_METHODS if cuda else DEFAULT_METHODS
+    methods = (args.methods or ",".join(default)).split(",")
     for method in methods:
         if method not in known:
             parser.error(f"unknown method {method!r}; expected one of {', '.join(known)}")
@@ -326,19 +414,27 @@ def main(argv: list[str] | None = None) -> None:
         "|--:|--:|--:|:--|--:|--:|--:|--:|--:|--:|",
     ]
     skipped = []
+    missing = {}
+    for method in methods:
+        why = unavailable(method, args.device)
+        if why:
+            missing[method] = why
+    methods_run = [method for method in methods if method not in missing]
     for m, D, d in sizes:
         results = {}
-        for method in methods:
+        for method in methods_run:
             need = estimate(method, m, D, d) / 2**30
             if need > args.memory_gb:
                 skipped.append(f"{method} at m={m}, D={D}, d={d} (about {need:.0f} GiB)")
                 results[method] = {"error": f"skipped: about {need:.0f} GiB"}
-            else:
+            elif isolate:
                 results[method] = run_one(args, method, m, D, d)
+            else:
+                results[method] = run_in_process(args, method, m, D, d)
             print(m, D, d, method, results[method], flush=True)
         base = results.get(base_method, {}).get("median_s")
         ideal = arithmetic_cost("dense", m, D, d) / arithmetic_cost("gram", m, D, d)
-        for method in methods:
+        for method in methods_run:
             lines.append(table_row(m, D, d, method, results[method], base, ideal, args.lm))
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -360,8 +456,12 @@ def main(argv: list[str] | None = None) -> None:
         "  measured / ideal",
         "",
     ]
-    footer = ["", "Skipped (estimated memory above the limit):", ""] if skipped else []
+    footer = ["", "Not run (library missing):", ""] if missing else []
+    footer += [f"- {method}: {why}" for method, why in missing.items()]
+    limit = f"{args.memory_gb:.0f} GiB"
+    footer += ["", f"Skipped (estimated memory above {limit}):", ""] if skipped else []
     footer += [f"- {s}" for s in skipped]
+    footer += ["", f"Elapsed: {time.perf_counter() - began:.0f} s"]
     text = "\n".join(header + lines + footer) + "\n"
     print(text)
     if args.out:
