@@ -1,75 +1,85 @@
 #!/bin/bash
-# Everything a lent GPU machine runs in one call (its time is short): the CUDA tests, the
-# factored layer's collectives on NCCL, the GPU benchmark table, and what fits of the paper
-# profile's MNIST comparison. Writes its logs and results under $OUT.
+# Everything a lent GPU machine runs in one call (its time is short), in order of need, each
+# part in its own time box: the CUDA tests, then the GPU tables (the factored step, the dense
+# losses, the linear path and a whole language model). Logs and tables go under $OUT.
 #
-#   OUT=/some/dir DATA=/path/to/data bash benchmarks/gpu_session.sh
+#   OUT=/some/dir bash benchmarks/gpu_session.sh
 #
-# DATA holds mnist/ (and ptb/) as in ../shared/data. DEV=cpu and the *_ARGS variables make a
-# small dry run possible on a machine without a GPU.
+# A dry run on a machine without a GPU (Triton's interpreter runs the kernels):
+#   OUT=/tmp/gpu DEV=cpu TRITON_INTERPRET=1 BUDGET=300 SMALL=1 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 DEV=${DEV:-cuda}
-DATA=${DATA:-.gpudata}
-BUDGET=${BUDGET:-520}                  # seconds for the whole script
-BENCH_ARGS=${BENCH_ARGS:---rounds 3 --min-time 0.6}
-MNIST_ARGS=${MNIST_ARGS:-}
+BUDGET=${BUDGET:-540}   # seconds for the whole script
 PY=${PY:-python3}
+SMALL=${SMALL:-}        # tiny sizes, for the dry run
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 log=$OUT/log.txt
 exec > >(tee -a "$log") 2>&1
 
-echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-$PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+# box SECONDS COMMAND...: runs COMMAND for at most SECONDS (less if the budget has less left,
+# keeping 10 s for the end), and says how it ended.
+box() {
+    local t=$1 l
+    shift
+    l=$(($(left) - 10))
+    ((t > l)) && t=$l
+    if ((t < 5)); then
+        echo "(skipped: the time box is spent)"
+        return
+    fi
+    timeout "$t" "$@"
+    local rc=$?
+    ((rc == 124)) && echo "(stopped at its ${t} s time box)" || echo "(exit $rc)"
+}
+part() { echo; echo "== $1 ($(left) s left, $(date +%T))"; }
 
-echo "== CUDA tests ($(left) s left)"
-timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_factored.py -k cuda 2>&1 | tail -15
+if [[ -n $SMALL ]]; then
+    FACTORED_SIZES=1000:16
+    LOSSES_SIZES="256x10 64x3000"
+    LINEAR_ARGS="--sizes 64:1000:16"
+    LM_ARGS="--m 256 --D 2000 --d 32"
+else
+    FACTORED_SIZES=10000:128,10000:512,100000:128,100000:512,793471:128,793471:512
+    LOSSES_SIZES="4096x10 4096x1000 2048x10000 256x100000"  # the CPU table's
+    LINEAR_ARGS=""  # the issue's grid: m, D, d in {1024, 4096, 16384} x {1e4, 1e5, 793471} x ...
+    LM_ARGS=""      # 4,096 tokens per step, D = 100,000 and 793,471, d = 512
+fi
 
-echo "== FactoredSGD over NCCL, one process ($(left) s left)"
-timeout 60 $PY - "$DEV" <<'PY'
-import sys, torch, torch.distributed as dist
-import spherical_losses as sl
-dev = sys.argv[1]
-dist.init_process_group("nccl" if dev == "cuda" else "gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
-torch.manual_seed(0)
-a = sl.FactoredSphericalLoss(32, 1000, "taylor").to(dev)
-b = sl.FactoredSphericalLoss(32, 1000, "taylor").to(dev)
-b.load_state_dict(a.state_dict())
-oa = sl.FactoredSGD(a, lr=0.5, process_group=dist.group.WORLD)
-ob = sl.FactoredSGD(b, lr=0.5)
-for step in range(30):
-    h = torch.randn(64, 32, device=dev)
-    t = torch.randint(0, 1000, (64,), device=dev)
-    for o, layer in ((oa, a), (ob, b)):
-        o.zero_grad(); layer(h, t).backward(); o.step()
-diff = ((a.weight - b.weight).norm() / b.weight.norm()).item()
-print(f"backend {dist.get_backend()}: 30 steps, relative weight difference {diff:.2e}, "
-      f"last exchange {oa.last_exchange_bytes} bytes")
-dist.destroy_process_group()
-PY
+part "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+torch.cuda.is_available() and torch.cuda.get_device_name())"
+$PY -c "import triton; print('triton', triton.__version__)"
+git log --oneline -1 2>/dev/null
 
-echo "== factored benchmark ($(left) s left)"
-timeout 220 $PY benchmarks/bench_factored.py --device "$DEV" --methods dense,factored,linear_ce,adaptive \
-    $BENCH_ARGS --out "$OUT/factored_gpu.md" 2>&1 | grep -v "^|" | grep -v "^$"
+part "CUDA tests"
+box 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_factored_graph.py \
+    2>&1 | tail -25
+box 70 $PY -m pytest -q -p no:cacheprovider tests/test_factored.py tests/test_pt2.py \
+    tests/test_linear.py -k cuda 2>&1 | tail -15
 
-echo "== MNIST, paper profile ($(left) s left)"
-runs=/tmp/gpu-runs
-mkdir -p $runs
-jobs=""
-for seed in 0 1 2; do for loss in log_softmax taylor spherical z_loss softmax_bound mse; do
-    jobs="$jobs $loss:$seed"
-done; done
-stop=$(( $(left) - 25 ))
-echo $jobs | tr ' ' '\n' | timeout $stop xargs -P 6 -I{} bash -c '
-    loss=${1%:*}; seed=${1#*:}
-    '"$PY"' -m spherical_losses train --task mnist --profile paper --loss $loss --seed $seed \
-        --device '"$DEV"' --data-dir '"$DATA"' --out '"$runs"' --quiet '"$MNIST_ARGS"' \
-        > '"$runs"'/$loss-$seed.log 2>&1 && echo "done $loss seed $seed ($(date +%T))"
-' _ {}
-echo "stopped at $(date +%T); finished runs:"; ls $runs/mnist/*/*/final.json 2>/dev/null | wc -l
-$PY -m spherical_losses report $runs/mnist > /dev/null 2>&1
-tar czf "$OUT/mnist-paper.tgz" -C $runs --exclude='*.pt' --exclude='*.png' mnist $(cd $runs && ls *.log) 2>/dev/null
-echo "== end ($(left) s left)"
+part "factored step (m = 128), eager and captured in a CUDA graph"
+box 130 $PY benchmarks/bench_factored.py --device "$DEV" --sizes "$FACTORED_SIZES" \
+    --methods dense,dense_graph,factored_graph --rounds 3 --out "$OUT/factored_gpu.md" \
+    2>&1 | grep -v "^$"
+
+part "dense losses, forward + backward, float32 and bfloat16"
+# shellcheck disable=SC2086
+box 110 $PY benchmarks/bench_losses.py --device "$DEV" --sizes $LOSSES_SIZES \
+    --dtype float32,bfloat16 --kernels both --budget 0.03 --out "$OUT/losses_gpu.md" \
+    2>&1 | grep -v "^$"
+
+part "linear path without logits"
+# shellcheck disable=SC2086
+box 100 $PY benchmarks/bench_linear.py --device "$DEV" $LINEAR_ARGS --repeats 2 \
+    --out "$OUT/linear_gpu.md" 2>&1 | grep -v "^$"
+
+part "a whole language model, AdamW"
+# shellcheck disable=SC2086
+box 80 $PY benchmarks/bench_linear.py --device "$DEV" --lm $LM_ARGS --repeats 3 \
+    --out "$OUT/lm_gpu.md" 2>&1 | grep -v "^$"
+
+part "end"
