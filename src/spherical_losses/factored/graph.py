@@ -69,7 +69,8 @@ class CapturedStep:
     captured kernels): capture again. Eager steps (of any batch size), evaluation and
     :meth:`FactoredSGD.check` may run between calls. Moving or casting the layer, or loading
     a state with ``assign=True``, replaces its tensors: a later call raises (capture again).
-    The graph keeps its own memory pool (the step's temporaries, ``grad`` and the loss).
+    The graph keeps its own memory pool (the step's temporaries, ``grad`` and the loss), and
+    capturing holds a copy of ``V`` while the warm-up steps run (to undo them).
 
     Examples
     --------
