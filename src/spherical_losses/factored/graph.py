@@ -99,22 +99,29 @@ class CapturedStep:
         self.layer, self.optimizer = layer, optimizer
         group = optimizer.param_groups[0]
         self._hyper = (float(group["lr"]), float(group["weight_decay"]))
+        _check_target(example_target)
         with torch.no_grad():
             self.input = example_input.detach().clone().requires_grad_()
             self.target = example_target.detach().long().clone()
         saved = _save(layer)
         side = torch.cuda.Stream(layer.V.device)
         side.wait_stream(torch.cuda.current_stream(layer.V.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._step()
-        torch.cuda.current_stream(layer.V.device).wait_stream(side)
-        _restore(layer, saved)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._step()
+        finally:  # (also after an error: the layer as it was, no update pending)
+            torch.cuda.current_stream(layer.V.device).wait_stream(side)
+            _restore(layer, saved)
+            optimizer.zero_grad()
         self.input.grad = None
-        optimizer.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._step()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+        except Exception:
+            optimizer.zero_grad()  # (the layer trains on eagerly)
+            raise
         self.grad: Tensor = self.input.grad  # type: ignore[assignment]
         session = layer._session
         assert session.workspace is not None and session.cast_cache is not None
@@ -162,10 +169,7 @@ class CapturedStep:
             raise ValueError(
                 f"input dtype {input.dtype} does not match the layer's {self.input.dtype}"
             )
-        if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-            raise ValueError(
-                f"target must hold class indices (an integer tensor), got {target.dtype}"
-            )
+        _check_target(target)
         layer, optimizer = self.layer, self.optimizer
         if layer._attached() is not optimizer:
             raise RuntimeError("the captured FactoredSGD is no longer attached to the layer")
@@ -191,6 +195,11 @@ class CapturedStep:
                     "captured kernels: capture again (a CapturedStep for the new values)"
                 )
             self._hyper = (lr, weight_decay)
+
+
+def _check_target(target: Tensor) -> None:
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must hold class indices (an integer tensor), got {target.dtype}")
 
 
 def _check_setup(layer: Any, optimizer: Any, warmup: Any) -> None:
