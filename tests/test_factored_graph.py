@@ -8,14 +8,19 @@ replays with eager sync-free steps of a twin layer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from spherical_losses import FactoredSGD, FactoredSphericalLoss
+from spherical_losses import _conventions as conventions
 from spherical_losses.factored import CapturedStep
+from spherical_losses.factored import graph as graph_module
 from spherical_losses.factored.update import Workspace
 
 F64 = torch.float64
@@ -137,6 +142,167 @@ def test_learning_rate_reaches_the_step_through_a_tensor_written_in_place() -> N
         ws.set_lr(lr)
         assert ws.scale.data_ptr() == address
         assert ws.scale.tolist() == [-lr, 2 * lr, -lr]
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: CapturedStep on an emulated CUDA graph
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every operation run under it, with the tensors it read and made, as a stream
+    capture records kernels; a read of a value on the host raises, as it does in a capture.
+    A capture runs no kernel: what the operations wrote into tensors is undone at the end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple] = []
+        self.before: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("a value read on the host during the capture")
+        for arg, value in zip(func._schema.arguments, args, strict=False):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                key = (value.data_ptr(), value.shape, value.stride())
+                self.before.setdefault(key, (value, value.clone()))
+        for value in kwargs.values():  # out=
+            if isinstance(value, torch.Tensor):
+                key = (value.data_ptr(), value.shape, value.stride())
+                self.before.setdefault(key, (value, value.clone()))
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        with torch.inference_mode():
+            for tensor, value in reversed(self.before.values()):
+                tensor.copy_(value)
+
+
+class EmulatedGraph:
+    """A CPU stand-in for :class:`torch.cuda.CUDAGraph`: a replay runs the recorded operations
+    again on the recorded tensors (the same storages), with the recorded numbers, and no
+    Python: what a graph replay does. An operation that returns a new tensor writes its
+    result into the recorded one.
+    """
+
+    def __init__(self) -> None:
+        self.recorder = _Recorder()
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        # (On detached aliases of the recorded tensors: kernels, not autograd.)
+        bare = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        with torch.no_grad():
+            for func, args, kwargs, out in self.recorder.ops:
+                result = func(*tree_map(bare, args), **tree_map(bare, kwargs))
+                if func._schema.is_mutable:
+                    continue  # in place or out=: it wrote into the recorded tensors
+                outs, results = (out, result) if isinstance(out, tuple) else ((out,), (result,))
+                for old, new in zip(outs, results, strict=True):
+                    # (A view, or a .to() that changed nothing, aliases the recorded tensor.)
+                    if isinstance(old, torch.Tensor) and storage(old) != storage(new):
+                        old.detach().copy_(new)
+
+
+def storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CapturedStep on the CPU: streams that do nothing, :class:`EmulatedGraph` for the graph,
+    and the step's code as it runs on a GPU (no target read on the host).
+    """
+
+    class Stream:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    monkeypatch.setattr(graph_module, "_check_device", lambda layer: None)
+    monkeypatch.setattr(conventions, "reads_values", lambda t: False)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: g.recorder)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (F64, 1e-12)])
+@pytest.mark.parametrize(("m", "d"), SIDES)
+def test_emulated_replays_match_eager_sync_free_steps(
+    m: int, d: int, dtype: torch.dtype, tol: float, emulated_cuda: None
+) -> None:
+    """The replays (no Python: the learning rate through its tensor, the record, the copy of
+    the state) against eager sync-free steps of a twin, with a schedule, an eager step in
+    between, check() and the weight as eager code sees it.
+    """
+    torch.manual_seed(0)
+    layer = FactoredSphericalLoss(d, 300, "taylor", dtype=dtype, ignore_index=3)
+    twin = copy.deepcopy(layer)
+    opt = FactoredSGD(layer, lr=0.5, sync_free=True, check_every=0)
+    twin_opt = FactoredSGD(twin, lr=0.5, sync_free=True, check_every=0)
+    captured = CapturedStep(layer, opt, *next(batches(m, d, 300, 1, dtype, "cpu", seed=9)))
+    assert len(captured.graph.recorder.ops) > 40
+    assert rel(layer.weight, twin.weight) == 0.0  # the warm-up undone
+    for i, (h, target) in enumerate(batches(m, d, 300, 12, dtype, "cpu")):
+        for o in (opt, twin_opt):
+            o.param_groups[0]["lr"] = 0.5 / (1 + i % 4)
+        if i == 6:
+            step(opt, layer, h, target)  # an eager step between replays
+            step(twin_opt, twin, h, target)
+        else:
+            loss = captured(h, target)
+            twin_loss, twin_grad = step(twin_opt, twin, h, target)
+            assert rel(loss, twin_loss) <= tol
+            assert rel(captured.grad, twin_grad) <= tol
+        if i == 8:  # a check between replays: the last check reads the later ones
+            opt.check()
+            twin_opt.check()
+    assert captured.graph.replays == 11
+    assert rel(layer.weight, twin.weight) <= tol  # (the forward's copy of the state follows)
+    assert layer._session.book[2].item() == 12  # every step recorded, the warm-up not
+    opt.check()
+    twin_opt.check()
+    # check() read the record that the replays wrote (the bounds on U's singular values).
+    assert layer._session.sigma == pytest.approx(twin._session.sigma, rel=tol)
+    assert rel(layer.weight, twin.weight) <= tol
+    assert rel(layer.bias, twin.bias) <= tol
+
+
+def test_emulated_replay_checks_its_arguments(emulated_cuda: None) -> None:
+    layer, opt = sync_free_layer(weight_decay=1e-3)
+    h, target = EXAMPLE
+    captured = CapturedStep(layer, opt, h, target)
+    with pytest.raises(ValueError, match=r"input of shape \(4, 8\).*got \(2, 8\)"):
+        captured(h[:2], target[:2])
+    with pytest.raises(ValueError, match=r"target of shape \(4,\), got \(2,\)"):
+        captured(h, target[:2])
+    with pytest.raises(ValueError, match=r"input dtype torch\.float64"):
+        captured(h.double(), target)
+    with pytest.raises(ValueError, match="class indices"):
+        captured(h, target.float())
+    captured(h, target)
+    opt.zero_grad()
+    layer(h, target).backward()
+    with pytest.raises(RuntimeError, match="pending"):
+        captured(h, target)
+    opt.zero_grad()
+    opt.param_groups[0]["lr"] = 0.2
+    with pytest.raises(ValueError, match=r"\(lr, weight_decay\) changed .* capture again"):
+        captured(h, target)
+    opt.param_groups[0]["lr"] = 0.1
+    captured(h, target)
+    layer.double()
+    with pytest.raises(RuntimeError, match="replaced since the capture"):
+        captured(h.double(), target)
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,14 +147,17 @@ class CapturedStep:
         with torch.no_grad():
             self.input.copy_(input)
             self.target.copy_(target)
-        # The learning rate is read from this work tensor, outside the captured kernels.
-        self._workspace.set_lr(self._hyper[0])
+        # The learning rate is read from this work tensor, outside the captured kernels (an
+        # inference tensor, as the step makes its work tensors).
+        with torch.inference_mode():
+            self._workspace.set_lr(self._hyper[0])
         self.graph.replay()
         layer._stepped()  # W changed: the next eager forward refreshes its copy of the state
         session.book_fresh = True  # FactoredSGD.check() reads the record
         return self.loss
 
     def _check_call(self, input: Tensor, target: Tensor) -> None:
+        self._check_layer()
         for name, value, static in (("input", input, self.input), ("target", target, self.target)):
             if not isinstance(value, Tensor):
                 raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
@@ -170,8 +173,21 @@ class CapturedStep:
                 f"input dtype {input.dtype} does not match the layer's {self.input.dtype}"
             )
         _check_target(target)
-        layer, optimizer = self.layer, self.optimizer
-        if layer._attached() is not optimizer:
+        group = self.optimizer.param_groups[0]
+        lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+        if (lr, weight_decay) != self._hyper:
+            if weight_decay != 0.0 or self._hyper[1] != 0.0:
+                raise ValueError(
+                    f"(lr, weight_decay) changed from {self._hyper} to {(lr, weight_decay)} "
+                    "since the capture; with weight decay their product is a constant of the "
+                    "captured kernels: capture again (a CapturedStep for the new values)"
+                )
+            self._hyper = (lr, weight_decay)
+
+    def _check_layer(self) -> None:
+        """That the layer still trains with the captured optimizer, on the captured tensors."""
+        layer = self.layer
+        if layer._attached() is not self.optimizer:
             raise RuntimeError("the captured FactoredSGD is no longer attached to the layer")
         session = layer._session
         if session.pending:
@@ -185,16 +201,6 @@ class CapturedStep:
                 "the layer's tensors were replaced since the capture (a move, a cast or a "
                 "load_state_dict(assign=True)); capture again"
             )
-        group = optimizer.param_groups[0]
-        lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
-        if (lr, weight_decay) != self._hyper:
-            if weight_decay != 0.0 or self._hyper[1] != 0.0:
-                raise ValueError(
-                    f"(lr, weight_decay) changed from {self._hyper} to {(lr, weight_decay)} "
-                    "since the capture; with weight decay their product is a constant of the "
-                    "captured kernels: capture again (a CapturedStep for the new values)"
-                )
-            self._hyper = (lr, weight_decay)
 
 
 def _check_target(target: Tensor) -> None:
@@ -238,6 +244,10 @@ def _check_setup(layer: Any, optimizer: Any, warmup: Any) -> None:
         raise ValueError("the layer is frozen (requires_grad_(False)): there is no step to capture")
     if layer._session.pending:
         raise ValueError("a backward of the layer is pending: call step() or zero_grad() first")
+    _check_device(layer)
+
+
+def _check_device(layer: FactoredSphericalLoss) -> None:
     device = layer.V.device
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"CapturedStep needs the layer on a CUDA device, got {device}")
