@@ -9,7 +9,15 @@ the update of the layer's weight, for a minibatch of ``m`` examples:
 * ``linear_ce_chunked``: the same with ``options=nn.LinearCrossEntropyOptions()`` (chunked,
   never forms the ``m × D`` logits);
 * ``adaptive``: ``nn.AdaptiveLogSoftmaxWithLoss`` (cutoffs at 2% and 10% of the classes,
-  ``div_value=4``) + SGD.
+  ``div_value=4``) + SGD;
+* ``factored_graph`` (``--device cuda`` only, not in the default ``--methods``): the factored
+  step captured in a CUDA graph (``spherical_losses.factored.CapturedStep``: sync-free,
+  ``check_every=0``, ``opt.check()`` every 100 steps) and replayed, each step copying its
+  minibatch into the static inputs first;
+* ``dense_graph`` (likewise): the ``dense`` step captured the same way (warm-up on a side
+  stream, then forward, backward and ``SGD.step()`` in one graph), so that neither side of
+  the comparison is bound by kernel launches alone. A method whose capture fails is recorded
+  as failed (its error in the table), the others run on.
 
 Targets follow a Zipf law over the classes (``p_k ∝ 1/(k+1)``, like word frequencies), which is
 what the adaptive softmax's head/tail split is designed for. Each (method, size) runs in its own
@@ -61,6 +69,7 @@ from torch import nn
 import spherical_losses as sl
 
 METHODS = ("dense", "factored", "linear_ce", "linear_ce_chunked", "adaptive")
+GRAPH_METHODS = ("factored_graph", "dense_graph")  # CUDA only
 FULL_SIZES = "10000:128,10000:512,100000:128,100000:512,793471:128,793471:512"
 QUICK_SIZES = "2000:32,10000:128"
 CPU = torch.device("cpu")
@@ -88,9 +97,27 @@ def zipf_targets(num_classes: int, count: int, gen: torch.Generator) -> torch.Te
 
 
 def build_step(
-    method: str, num_classes: int, in_features: int, loss: str, lr: float, device: torch.device
+    method: str,
+    num_classes: int,
+    in_features: int,
+    loss: str,
+    lr: float,
+    device: torch.device,
+    batch: int = 128,
 ):
-    """The step function of ``method``, and the layer (for the factored extras)."""
+    """The step function of ``method``, and the layer (for the factored extras); ``batch``:
+    the minibatch size that a CUDA graph method captures.
+    """
+    if method in GRAPH_METHODS:
+        try:
+            return build_graph_step(method, num_classes, in_features, loss, lr, device, batch)
+        except Exception as exc:
+            # (The worker dies with this as its last line: the driver records the cell as
+            # failed and runs the other methods.)
+            import traceback
+
+            traceback.print_exc()
+            raise RuntimeError(f"{method}: capture failed: {type(exc).__name__}: {exc}") from None
     if method == "dense":
         layer = nn.Linear(in_features, num_classes, device=device)
         opt = torch.optim.SGD(layer.parameters(), lr=lr)
@@ -134,8 +161,75 @@ def build_step(
             opt.step()
 
     else:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        names = ", ".join(METHODS + GRAPH_METHODS)
+        raise ValueError(f"unknown method {method!r}; expected one of {names}")
     return step, layer
+
+
+def build_graph_step(
+    method: str,
+    num_classes: int,
+    in_features: int,
+    loss: str,
+    lr: float,
+    device: torch.device,
+    batch: int,
+):
+    """``factored_graph`` or ``dense_graph``: the step captured in a CUDA graph for minibatches
+    of ``batch`` rows; a step copies its minibatch into the static inputs and replays it.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"{method} needs --device cuda, got {device}")
+    example = (
+        torch.randn(batch, in_features, device=device),
+        torch.randint(num_classes, (batch,), device=device),
+    )
+    if method == "factored_graph":
+        layer = sl.FactoredSphericalLoss(in_features, num_classes, loss).to(device)
+        opt = sl.FactoredSGD(layer, lr=lr, sync_free=True, check_every=0)
+        captured = sl.factored.CapturedStep(layer, opt, *example)
+        count = 0
+
+        def step(h: torch.Tensor, target: torch.Tensor) -> None:
+            nonlocal count
+            captured(h, target)
+            count += 1
+            if count % 100 == 0:
+                opt.check()  # the deferred checks, outside the graph (one synchronization)
+
+        return step, layer
+    layer = nn.Linear(in_features, num_classes, device=device)
+    dense_opt = torch.optim.SGD(layer.parameters(), lr=lr)
+    member = sl.get_member(loss)
+    static_h = example[0].clone().requires_grad_()
+    static_target = example[1].clone()
+
+    def dense_step() -> None:
+        sl.spherical_loss(layer(static_h), static_target, member).backward()
+        dense_opt.step()
+
+    # PyTorch's whole-network capture: warm-up on a side stream, gradients set to None so that
+    # the captured backward allocates them in the graph's pool (each replay overwrites them).
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            dense_opt.zero_grad(set_to_none=True)
+            dense_step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    dense_opt.zero_grad(set_to_none=True)
+    static_h.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dense_step()
+
+    def replay(h: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            static_h.copy_(h)
+            static_target.copy_(target)
+        graph.replay()
+
+    return replay, layer
 
 
 def synchronize(device: torch.device) -> None:
@@ -164,7 +258,7 @@ class Worker:
         self.device = device = torch.device(args.device)
         # The baseline includes what the method needs at any size (code paths, thread pools,
         # BLAS buffers, the CUDA context): two steps of a tiny instance first.
-        tiny_step, _ = build_step(args.method, 64, 8, args.loss, args.lr, device)
+        tiny_step, _ = build_step(args.method, 64, 8, args.loss, args.lr, device, args.batch)
         tiny_gen = torch.Generator().manual_seed(1)
         for _ in range(2):
             tiny_step(
@@ -187,7 +281,7 @@ class Worker:
         ]
         self.targets = [zipf_targets(num_classes, batch, gen).to(device) for _ in range(self.pool)]
         self.step, self.layer = build_step(
-            args.method, num_classes, in_features, args.loss, args.lr, device
+            args.method, num_classes, in_features, args.loss, args.lr, device, batch
         )
         self.count = 0
         self.log_bounds: list[float] = []
@@ -214,6 +308,20 @@ class Worker:
             self.count += 1
         return times
 
+    def back_to_back(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps with one synchronization at each end (the
+        timed blocks synchronize around every step, which adds its latency to each).
+        """
+        synchronize(self.device)
+        start = time.perf_counter()
+        for i in range(steps):
+            h = self.inputs[(self.count + i) % self.pool].requires_grad_()
+            h.grad = None
+            self.step(h, self.targets[(self.count + i) % self.pool])
+        synchronize(self.device)
+        self.count += steps
+        return (time.perf_counter() - start) / steps
+
     def finish(self) -> dict:
         device = self.device
         if device.type == "cuda":
@@ -221,6 +329,8 @@ class Worker:
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
         result: dict = {"peak_mb": peak / 2**20}
+        if device.type == "cuda" and self.args.method in ("factored", "dense", *GRAPH_METHODS):
+            result["back_to_back_s"] = self.back_to_back(100)
         if self.args.method == "factored":
             layer = self.layer
             growth = [b - a for a, b in itertools.pairwise(self.log_bounds) if b >= a]
@@ -497,6 +607,40 @@ def format_table(rows: list[dict], args: argparse.Namespace, rates: dict) -> str
     return "\n".join(lines + efficiency + exchange_table(rows, args.batch)) + "\n"
 
 
+def graph_table(rows: list) -> str:
+    """The CUDA graph methods' times against the eager factored step's (empty without them)."""
+    if not any(r["method"] in GRAPH_METHODS for _, results in rows for r in results):
+        return ""
+
+    def ms(r: dict) -> str:
+        shown = f"{r['median_s'] * 1e3:.3g}" if "median_s" in r else "–"
+        if "back_to_back_s" in r:
+            shown += f" ({r['back_to_back_s'] * 1e3:.3g})"
+        return shown
+
+    lines = [
+        "",
+        "Captured in a CUDA graph (each step copies its minibatch into the static inputs, "
+        "then replays): time per step in ms, synchronized around each step, and in "
+        "parentheses over 100 steps back to back (one synchronization at each end):",
+        "",
+        "| D | d | factored | factored graph | dense graph | factored / factored graph "
+        "| dense graph / factored graph |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (num_classes, in_features), results in rows:
+        get = {r["method"]: r for r in results}
+        eager, fg, dg = (get.get(m, {}) for m in ("factored", "factored_graph", "dense_graph"))
+        ratio = lambda a, b: (  # noqa: E731
+            f"{a['median_s'] / b['median_s']:.3g}" if "median_s" in a and "median_s" in b else "–"
+        )
+        lines.append(
+            f"| {num_classes} | {in_features} | {ms(eager)} | {ms(fg)} | {ms(dg)} "
+            f"| {ratio(eager, fg)} | {ratio(dg, fg)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def exchange_table(rows: list, batch: int) -> list[str]:
     """Bytes each process receives per step under torchrun with ``w`` processes (float32):
     ``FactoredSGD(process_group=...)`` all-gathers every process's ``m`` rows of
@@ -548,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--out", default="benchmarks/results/factored_cpu.md")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS + GRAPH_METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--in-features", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -564,13 +708,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
+    if args.device.split(":")[0] != "cuda":
+        for method in set(methods) & set(GRAPH_METHODS):
+            print(f"note: {method} skipped: it needs --device cuda", file=sys.stderr)
+        methods = [m for m in methods if m not in GRAPH_METHODS]
     sizes = parse_sizes(args.sizes)
     device = torch.device(args.device)
     rates = {d: matmul_rate(args.batch, d + 1, device) for d in sorted({d for _, d in sizes})}
     rows = []
     for num_classes, in_features in sizes:
         rows.append(((num_classes, in_features), run_size(args, methods, num_classes, in_features)))
-    table = format_table(rows, args, rates)
+    table = format_table(rows, args, rates) + graph_table(rows)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

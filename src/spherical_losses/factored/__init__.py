@@ -66,11 +66,13 @@ Layout
   the ``d × d`` side, the choice of the way to take ``M⁻¹``, the increments, one commit of the
   new state);
 * :mod:`.optim`: :class:`FactoredSGD`, which applies the recorded update, with its exchange
-  between the processes of a group.
+  between the processes of a group;
+* :mod:`.graph`: :class:`CapturedStep`, the sync-free step captured in a CUDA graph.
 """
 
+from .graph import CapturedStep
 from .layer import FactoredSphericalLoss
 from .optim import FactoredSGD
 from .update import NonFiniteUpdateError
 
-__all__ = ["FactoredSGD", "FactoredSphericalLoss", "NonFiniteUpdateError"]
+__all__ = ["CapturedStep", "FactoredSGD", "FactoredSphericalLoss", "NonFiniteUpdateError"]
