@@ -56,7 +56,7 @@ $PY -c "import triton; print('triton', triton.__version__)"
 git log --oneline -1 2>/dev/null
 
 part "CUDA tests"
-box 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_factored_graph.py \
+box 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_factored_graph.py \
     2>&1 | tail -25
 box 70 $PY -m pytest -q -p no:cacheprovider tests/test_factored.py tests/test_pt2.py \
     tests/test_linear.py -k cuda 2>&1 | tail -15
@@ -79,7 +79,7 @@ box 100 $PY benchmarks/bench_linear.py --device "$DEV" $LINEAR_ARGS --repeats 2 
 
 part "a whole language model, AdamW"
 # shellcheck disable=SC2086
-box 80 $PY benchmarks/bench_linear.py --device "$DEV" --lm $LM_ARGS --repeats 3 \
+box 70 $PY benchmarks/bench_linear.py --device "$DEV" --lm $LM_ARGS --repeats 3 \
     --out "$OUT/lm_gpu.md" 2>&1 | grep -v "^$"
 
 part "end"
